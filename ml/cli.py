@@ -101,9 +101,10 @@ def validate(
 
     Example: offerflow validate --data var/shop
     """
+    source = _data(data)
     from ml.quality import validate_source
 
-    report = validate_source(_data(data), as_of=as_of)
+    report = validate_source(source, as_of=as_of)
     typer.echo(report.summary())
     if not report.success:
         raise typer.Exit(1)
@@ -121,17 +122,44 @@ def train(
 
     Example: offerflow train --data var/shop --as-of 2025-12-31 --offer-type cross_sell
     """
+    source, types = _data(data), _offer_types(offer_type)
     from ml.quality import DataQualityError
     from ml.train import train_offer_types
 
     try:
-        results = train_offer_types(_data(data), as_of=as_of.date(), offer_types=_offer_types(offer_type),
-                                    promote=promote)
+        results = train_offer_types(source, as_of=as_of.date(), offer_types=types, promote=promote)
     except DataQualityError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
     for r in results:
         typer.echo(r.summary())
+
+
+@app.command()
+def score(
+    as_of: Date,
+    data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
+    crm: Annotated[str | None, typer.Option(help="CRM SQLAlchemy URL. Default: $OFFERFLOW_CRM_URL or "
+                                              "sqlite:///var/crm.db.")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        help="Write the would-be offers to Parquet and print a summary; touch no CRM.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Parquet path for --dry-run.")] = None,
+) -> None:
+    """Validate, score with the champions, apply the offer policy and publish one CRM batch atomically.
+
+    Example: offerflow score --data var/shop --as-of 2025-12-31 --dry-run
+    """
+    source = _data(data)
+    from ml.quality import DataQualityError
+    from ml.score import score as run_score
+
+    try:
+        result = run_score(source, as_of=as_of.date(), crm_url=crm, dry_run=dry_run, out=out)
+    except DataQualityError as exc:
+        typer.echo(str(exc), err=True)
+        typer.echo("nothing published", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(str(result))
 
 
 @models_app.command("list")
@@ -151,9 +179,10 @@ def models_history(offer_type: Annotated[str, typer.Argument(help="cross_sell, u
 
     Example: offerflow models history cross_sell
     """
+    offer_type = _offer_types([offer_type])[0]
     from ml.registry import alias_history_text
 
-    typer.echo(alias_history_text(_offer_types([offer_type])[0]))
+    typer.echo(alias_history_text(offer_type))
 
 
 @models_app.command("promote")

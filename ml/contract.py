@@ -285,11 +285,11 @@ def _to_bool(s: pd.Series, table: str, col: str) -> pd.Series:
 
 
 def _to_str(s: pd.Series, table: str, col: str) -> pd.Series:
-    if pd.api.types.is_float_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype) \
-            or pd.api.types.is_datetime64_any_dtype(s.dtype):
-        # Ids are strings; a float id (1.0) or a date is a producer error, not an encoding.
-        if not s.isna().all():
-            raise ContractError(table, "wrong type", f"expected text, got {s.dtype}", col, s.head(5).tolist())
+    not_text = pd.api.types.is_float_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype) \
+        or pd.api.types.is_datetime64_any_dtype(s.dtype)
+    # Ids are strings; a float id (1.0) or a date is a producer error, not an encoding.
+    if not_text and not s.isna().all():
+        raise ContractError(table, "wrong type", f"expected text, got {s.dtype}", col, s.head(5).tolist())
     if pd.api.types.is_integer_dtype(s.dtype):
         return s.astype("string")
     return s.astype("string")
