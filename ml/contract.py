@@ -324,7 +324,8 @@ def cut_at(shop: Shop, as_of: pd.Timestamp | None) -> Shop:
     """Drop rows at or after ``as_of`` (DESIGN §2: ignored, never an error); lines follow their orders."""
     if as_of is None:
         return shop
-    t = pd.Timestamp(as_of).tz_localize(None) if pd.Timestamp(as_of).tzinfo else pd.Timestamp(as_of)
+    t = pd.Timestamp(as_of)
+    t = t.tz_convert("UTC").tz_localize(None) if t.tzinfo else t
     tables = dict(shop.tables)
     for name, df in shop.tables.items():
         col = TABLES[name].time_column
