@@ -453,7 +453,6 @@ def validate_and_load(source: str | Path, as_of: Any = None, now: Any = None) ->
     return report, shop
 
 
-_validate = validate_and_load  # ml.train used this name before it was public
 
 
 def validate_source(source: str | Path, as_of: Any = None, now: Any = None) -> QualityReport:
