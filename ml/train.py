@@ -22,7 +22,7 @@ import pandas as pd
 
 from ml import registry
 from ml.config import GATE, MODEL, POLICY, GateConfig, ModelConfig
-from ml.contract import Shop, empty_table
+from ml.contract import Shop
 from ml.evaluate import evaluate, figures
 from ml.model import OfferModel, choose_calibrator, drift_reference, log_offer_model
 from ml.progress import log, step
