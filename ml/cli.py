@@ -195,9 +195,14 @@ def models_promote(
 
     Example: offerflow models promote cross_sell 3 --reason "hotfix"
     """
+    offer_type = _offer_types([offer_type])[0]
     from ml.registry import promote as do_promote
 
-    typer.echo(do_promote(_offer_types([offer_type])[0], str(version), reason=reason))
+    try:
+        typer.echo(do_promote(offer_type, str(version), reason=reason))
+    except (ValueError, LookupError) as exc:
+        typer.echo(f"cannot promote: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @models_app.command("rollback")
@@ -209,9 +214,14 @@ def models_rollback(
 
     Example: offerflow models rollback upsell
     """
+    offer_type = _offer_types([offer_type])[0]
     from ml.registry import rollback
 
-    typer.echo(rollback(_offer_types([offer_type])[0], reason=reason))
+    try:
+        typer.echo(rollback(offer_type, reason=reason))
+    except (ValueError, LookupError) as exc:
+        typer.echo(f"cannot roll back: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import shutil
 import time
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from test_train import FEATURES, synthetic_frame, template_db
+from test_train import FEATURES, synthetic_frame
 
 from ml import registry
 from ml.config import GateConfig
@@ -23,8 +22,7 @@ AS_OF = dt.date(2025, 3, 26)
 
 @pytest.fixture
 def tracking(mlflow_store):
-    """A private, pre-migrated SQLite store (see test_train.template_db)."""
-    shutil.copy(template_db(), mlflow_store / "mlflow.db")
+    """A private, pre-migrated SQLite store (conftest.mlflow_store)."""
     return mlflow_store
 
 

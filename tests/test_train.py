@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import atexit
 import datetime as dt
-import functools
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +17,9 @@ from ml.train import fit, small_config, split_by_cutoff
 FEATURES = ["f_signal", "f_noise", "f_channel", "f_recency"]
 
 
-@functools.cache
-def template_db() -> Path:
-    """An empty, migrated MLflow SQLite store, made once per session: creating one costs 3–20 s here,
-    copying it 0.3 s. (Candidate for conftest: a session-wide ``mlflow_store`` template.)"""
-    from mlflow import MlflowClient
-
-    folder = Path(tempfile.mkdtemp(prefix="offerflow_mlflow_template_"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    MlflowClient(tracking_uri=f"sqlite:///{folder}/mlflow.db").search_experiments()
-    return folder / "mlflow.db"
-
-
 @pytest.fixture
 def tracking(mlflow_store: Path) -> Path:
-    """``mlflow_store`` (private SQLite store + OFFERFLOW_HOME under tmp_path), pre-migrated."""
-    shutil.copy(template_db(), mlflow_store / "mlflow.db")
+    """``mlflow_store``: a private, pre-migrated SQLite store + OFFERFLOW_HOME under tmp_path."""
     return mlflow_store
 
 
