@@ -40,8 +40,7 @@ def score_offer_type(shop: Shop, as_of: dt.date, offer_type: str, model, model_v
     """
     from ml.dataset import build_examples
 
-    examples = build_examples(shop, as_of, offer_type, with_labels=False, **({"context": context}
-                                                                             if context is not None else {}))
+    examples = build_examples(shop, as_of, offer_type, with_labels=False, context=context)
     if n_shards > 1:
         examples = examples[shard_of(examples["customer_id"], n_shards) == shard]
     features = list(model.feature_names)
@@ -66,7 +65,7 @@ def decide(scored: dict[str, pd.DataFrame], models: dict, shop: Shop, as_of: dt.
     from ml.reasons import reason_codes
 
     parts = [df.assign(offer_type=t) for t, df in scored.items() if len(df)]
-    candidates = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=KEY_COLUMNS)
+    candidates = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*KEY_COLUMNS, "propensity", "model_version"])
     # The policy needs only the key columns; features stay aside, addressed by candidate_idx.
     policy_in = candidates[KEY_COLUMNS + ["propensity"]]
     result = apply_policy(policy_in, shop, as_of, cfg)
@@ -138,16 +137,19 @@ def score(source: str, as_of: dt.date, crm_url: str | None = None, dry_run: bool
           cfg: PolicyConfig = POLICY) -> ScoreResult:
     """Validate → score every type with its champion → decide → publish (or write a Parquet when dry)."""
     from ml import config
+    from ml.features import FeatureContext
     from ml.quality import require_valid
     from ml.registry import load_champion
 
     with step("validate inputs"):
         shop = require_valid(source, as_of=as_of)
+    with step("features as of T"):
+        context = FeatureContext.build(shop, as_of)
     scored, models = {}, {}
     for offer_type in offer_types or list(OFFER_TYPES):
         model, version = load_champion(offer_type)
         with step(f"score {offer_type} with champion v{version}") as info:
-            scored[offer_type] = score_offer_type(shop, as_of, offer_type, model, version)
+            scored[offer_type] = score_offer_type(shop, as_of, offer_type, model, version, context=context)
             info["detail"] = f"{len(scored[offer_type]):,} candidates"
         models[offer_type] = model
     with step("policy, arbitration, reason codes") as info:

@@ -65,6 +65,10 @@ TIER_SHIFT = np.array([0.0, -1.0, -2.0, -2.0], dtype=np.float32)
 DECLINE_EXIT = np.array([0.0, 1 / 35, 1 / 35, 0.0], dtype=np.float32)  # daily hazard to the next state
 TIER_CUTS = np.array([-0.8, 0.9], dtype=np.float32)  # ordered logit: tier = #cuts below theta + noise
 SIBLING_BOOST = 0.8  # adoption hazard × (1 + SIBLING_BOOST · owned siblings)
+# Latent affinity = family part (shared by siblings, revealed by what a customer owns) + a per-category
+# part that no history reveals for a never-bought category: the oracle knows it, a model cannot.
+FAMILY_AFFINITY_SD = 1.0
+CATEGORY_AFFINITY_SD = 0.7
 _NEVER = np.int16(32767)
 _LONG_AGO = np.int16(-30000)
 _WEEKDAY = np.array([0.9, 0.9, 0.95, 1.0, 1.1, 1.25, 0.9], dtype=np.float32)  # Monday first
@@ -206,8 +210,8 @@ def _population(rng: np.random.Generator, n: int, days: int) -> dict[str, np.nda
     n_fam, n_cat = len(FAMILIES), len(CATEGORIES)
     fam_idx = np.array([list(FAMILIES).index(FAMILY_OF_CATEGORY[c]) for c in CATEGORIES])
     cat_pop = rng.normal(0.0, 0.5, n_cat).astype(np.float32)
-    aff = (rng.normal(0.0, 1.0, (n, n_fam)).astype(np.float32)[:, fam_idx]
-           + rng.normal(0.0, 0.7, (n, n_cat)).astype(np.float32) + cat_pop)
+    aff = (rng.normal(0.0, FAMILY_AFFINITY_SD, (n, n_fam)).astype(np.float32)[:, fam_idx]
+           + rng.normal(0.0, CATEGORY_AFFINITY_SD, (n, n_cat)).astype(np.float32) + cat_pop)
     repeat = _sigmoid(-1.5 + 0.7 * aff).astype(np.float32)
     adopt = _sigmoid(-6.0 + 1.2 * aff).astype(np.float32)
     # Starting habits: 1-3 categories, chosen by affinity (Gumbel top-k).

@@ -290,11 +290,13 @@ def validated_shop(source: str | Path, as_of: dt.date) -> tuple[Shop, dict]:
 
 
 def train_one(source: str | Path | Shop, as_of: dt.date | str, offer_type: str, cfg: ModelConfig = MODEL,
-              run_tags: dict | None = None, quality: dict | None = None) -> dict:
+              run_tags: dict | None = None, quality: dict | None = None, frame: pd.DataFrame | None = None,
+              fingerprint: str | None = None) -> dict:
     """One offer type: (validate) → training set → fit → evaluate → log → register → alias challenger.
 
     A ``Shop`` is taken as already validated (pass its report as ``quality`` to log it); a path or URL is
-    validated here. Returns ``TrainResult.to_dict()`` so it can travel as an Airflow XCom.
+    validated here. ``frame`` skips building the training set (``train_offer_types`` builds all three in
+    one pass). Returns ``TrainResult.to_dict()`` so it can travel as an Airflow XCom.
     """
     from ml.dataset import build_training_set
 
@@ -304,13 +306,14 @@ def train_one(source: str | Path | Shop, as_of: dt.date | str, offer_type: str, 
     else:
         with step("validate inputs"):
             shop, quality = validated_shop(source, as_of)
-    with step(f"training set {offer_type}") as info:
-        frame = build_training_set(shop, as_of, offer_type, cfg)
-        info["detail"] = f"{len(frame):,} rows, {int(frame['label'].sum()):,} positive"
+    if frame is None:
+        with step(f"training set {offer_type}") as info:
+            frame = build_training_set(shop, as_of, offer_type, cfg)
+            info["detail"] = f"{len(frame):,} rows, {int(frame['label'].sum()):,} positive"
     with step(f"fit {offer_type}") as info:
         fitted = fit(frame, offer_type, cfg)
         info["detail"] = f"{fitted.best_iteration} trees, calibration {fitted.model.calibrator.method}"
-    return track(fitted, as_of, shop.fingerprint(), quality, cfg, run_tags).to_dict()
+    return track(fitted, as_of, fingerprint or shop.fingerprint(), quality, cfg, run_tags).to_dict()
 
 
 def gate_version(train_result: dict | TrainResult, gate_cfg: GateConfig = GATE) -> dict:
@@ -325,12 +328,20 @@ def gate_version(train_result: dict | TrainResult, gate_cfg: GateConfig = GATE) 
 def train_offer_types(source: str | Path, as_of: dt.date, offer_types: list[str], promote: bool = True,
                       cfg: ModelConfig = MODEL, gate_cfg: GateConfig = GATE) -> list[TrainResult]:
     """The CLI's ``train``: validate once, then train, register and (optionally) gate each type."""
+    from ml.dataset import build_training_sets
+
     as_of = _as_date(as_of)
     with step("validate inputs"):
         shop, quality = validated_shop(source, as_of)
+    with step("training sets " + ", ".join(offer_types)) as info:
+        frames = build_training_sets(shop, as_of, offer_types, cfg)
+        info["detail"] = "; ".join(f"{t} {len(f):,} rows, {int(f['label'].sum()):,} positive"
+                                   for t, f in frames.items())
+    fingerprint = shop.fingerprint()
     results = []
     for offer_type in offer_types:
-        result = TrainResult.from_dict(train_one(shop, as_of, offer_type, cfg, quality=quality))
+        result = TrainResult.from_dict(train_one(shop, as_of, offer_type, cfg, quality=quality,
+                                                 frame=frames.pop(offer_type), fingerprint=fingerprint))
         if promote:
             result = TrainResult.from_dict(gate_version(result, gate_cfg))
         log.info(result.summary())
