@@ -19,8 +19,8 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)  ## create ./.venv with the pinned stack and offerflow itself
 
-demo: install  ## run the whole pipeline on a synthetic shop (embedded SQLite CRM, local MLflow under ./var)
-	$(VENV)/bin/offerflow demo
+demo: install  ## run the real DAGs on a synthetic shop (embedded SQLite Airflow, MLflow and CRM under ./var)
+	$(PY) scripts/demo.py
 
 test: install  ## run the whole test suite (PostgreSQL tests skip off CI when the server is down)
 	$(VENV)/bin/python -m pytest -q
@@ -29,10 +29,17 @@ test-fast: install  ## the tests not marked slow
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 lint: install  ## ruff
-	$(VENV)/bin/ruff check ml dags plugins tests benchmarks
+	$(VENV)/bin/ruff check ml dags plugins tests benchmarks scripts
 
 bench: install  ## benchmarks: rows/s and ratios against raw LightGBM / COPY (see benchmarks/)
 	$(VENV)/bin/python benchmarks/run.py
+
+ui: install  ## start the MLflow UI (:5000) and the Airflow UI (:8080, standalone) on the ./var stores
+	@echo "MLflow UI:  http://127.0.0.1:5000    Airflow UI: http://127.0.0.1:8080 (user admin, password printed below)"
+	AIRFLOW_HOME=$(CURDIR)/var/airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
+	AIRFLOW__CORE__PLUGINS_FOLDER=$(CURDIR)/plugins AIRFLOW__CORE__LOAD_EXAMPLES=False OFFERFLOW_HOME=$(CURDIR)/var \
+	OFFERFLOW_DATA=$(CURDIR)/var/shop $(VENV)/bin/airflow standalone & \
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/var/mlflow.db --host 127.0.0.1 --port 5000; kill %1
 
 lock:  ## re-resolve requirements.txt from requirements.in
 	$(UV) pip compile -q requirements.in -o requirements.txt --python-version 3.11

@@ -56,18 +56,29 @@ def gate_offer(train_result: dict) -> dict:
     """Promotion gate for the version ``train_offer`` registered."""
     from ml.train import gate_version
 
-    return gate_version(train_result)
+    result = gate_version(train_result)
+    decision = result.get("decision") or {}
+    return {**result, "promoted": bool(decision.get("promoted")),
+            "reasons": list(decision.get("reasons", []))}
 
 
-def score_offer(source: str, as_of: str, offer_type: str, shard: int = 0, n_shards: int = 1) -> dict:
-    """Champion propensities for one offer type (and one customer shard), written to Parquet."""
+def score_offer(source: str, as_of: str, offer_type: str, shard: int = 0, n_shards: int = 1,
+                version: str | None = None) -> dict:
+    """Champion propensities for one offer type (and one customer shard), written to Parquet.
+
+    Pass ``version`` (resolved once per DAG run) so that every shard scores with the same model even
+    if the champion alias moves while the run is in flight.
+    """
     from ml.quality import require_valid
-    from ml.registry import load_champion
+    from ml.registry import load_champion, load_model_version
     from ml.score import score_offer_type
 
     day = _date(as_of)
     shop = require_valid(source, as_of=day)
-    model, version = load_champion(_offer_type(offer_type))
+    if version is None:
+        model, version = load_champion(_offer_type(offer_type))
+    else:
+        model = load_model_version(_offer_type(offer_type), str(version))
     scored = score_offer_type(shop, day, offer_type, model, version, shard=shard, n_shards=n_shards)
     path = work_dir(day) / f"scored_{offer_type}_{shard:04d}_of_{n_shards:04d}.parquet"
     scored.to_parquet(path, index=False)
@@ -122,6 +133,11 @@ def crm_url_from_airflow(conn_uri: str | None) -> str:
     """Turn an Airflow connection URI into a SQLAlchemy URL (postgres:// → postgresql+psycopg://)."""
     if not conn_uri:
         return config.crm_url()
+    if conn_uri.startswith("sqlite:"):
+        # Airflow's Connection.get_uri() percent-quotes the path (sqlite:///%2Ftmp%2Fcrm.db).
+        from urllib.parse import unquote
+
+        return "sqlite:///" + unquote(conn_uri.removeprefix("sqlite:").removeprefix("///"))
     for prefix in ("postgres://", "postgresql://"):
         if conn_uri.startswith(prefix):
             return "postgresql+psycopg://" + conn_uri[len(prefix):]
