@@ -59,18 +59,22 @@ def offers_score():
         from ml import registry
 
         n = int(params["n_shards"])
-        types = [t for t in OFFER_TYPES if registry.champion_version(t)]
+        # Resolve each champion once: every shard then scores with the same version, even if the
+        # alias moves while this run is in flight.
+        versions = {t: registry.champion_version(t) for t in OFFER_TYPES}
+        types = [t for t in OFFER_TYPES if versions[t]]
         if not types:
             raise AirflowFailException("no offer type has a champion model yet: run offers_train first")
         if len(types) < len(OFFER_TYPES):
             print(f"no champion yet for {sorted(set(OFFER_TYPES) - set(types))}: not scored today")
-        return [{"offer_type": t, "shard": s, "n_shards": n} for t in types for s in range(n)]
+        return [{"offer_type": t, "shard": s, "n_shards": n, "version": str(versions[t])}
+                for t in types for s in range(n)]
 
     @task(map_index_template="{{ task.op_kwargs['offer_type'] }} {{ task.op_kwargs['shard'] }}")
-    def score(offer_type: str, shard: int, n_shards: int, data: str, as_of: str) -> dict:
+    def score(offer_type: str, shard: int, n_shards: int, version: str, data: str, as_of: str) -> dict:
         from ml.pipeline import score_offer
 
-        return score_offer(data, as_of, offer_type, shard=shard, n_shards=n_shards)
+        return score_offer(data, as_of, offer_type, shard=shard, n_shards=n_shards, version=version)
 
     @task
     def decide_and_load(scored: list[dict], data: str, as_of: str) -> dict:

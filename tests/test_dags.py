@@ -342,9 +342,9 @@ class FakePipeline:
         return {"offer_type": train_result["offer_type"], "version": train_result["version"],
                 "promoted": self.promoted, "reasons": ["beats baseline"]}
 
-    def score_offer(self, source, as_of, offer_type, shard=0, n_shards=1):
+    def score_offer(self, source, as_of, offer_type, shard=0, n_shards=1, version=None):
         self.calls.append(("score_offer", {"as_of": as_of, "offer_type": offer_type, "shard": shard,
-                                           "n_shards": n_shards}))
+                                           "n_shards": n_shards, "version": version}))
         return {"offer_type": offer_type, "path": f"/x/{offer_type}_{shard}.parquet", "rows": 10,
                 "model_version": "1"}
 
@@ -407,6 +407,9 @@ def test_score_wiring_shards_connection_and_default_as_of(airflow_db, dagbag, mo
     _ok(dr)
     assert [c["as_of"] for c in fake.called("validate_inputs")] == ["2025-07-14"]  # as_of "" -> logical date
     parts = sorted((c["offer_type"], c["shard"], c["n_shards"]) for c in fake.called("score_offer"))
+    # every shard of a type scores with the champion version resolved once for the run
+    assert {(c["offer_type"], c["version"]) for c in fake.called("score_offer")} == {
+        (t, str(v)) for t, v in fake.champions.items() if v}
     assert parts == [(t, s, 2) for t in ("cross_sell", "downsell", "upsell") for s in (0, 1)]
     (loaded,) = fake.called("decide_and_load")
     assert len(loaded["scored"]) == 6 and loaded["as_of"] == "2025-07-14"
