@@ -173,6 +173,17 @@ def models_list() -> None:
     typer.echo(list_models())
 
 
+@models_app.command("report")
+def models_report() -> None:
+    """Markdown table: each champion's out-of-time metrics next to the popularity baseline.
+
+    Example: offerflow models report
+    """
+    from ml.registry import metrics_report
+
+    typer.echo(metrics_report())
+
+
 @models_app.command("history")
 def models_history(offer_type: Annotated[str, typer.Argument(help="cross_sell, upsell or downsell")]) -> None:
     """Every alias move of one model: version, from, to, reason.

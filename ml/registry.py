@@ -280,6 +280,49 @@ def list_models() -> str:
     return "\n".join(lines)
 
 
+REPORT_METRICS = ("roc_auc", "pr_auc", "lift_at_10", "topk_hit_rate")
+
+
+def champion_metrics() -> pd.DataFrame:
+    """The champions' out-of-time metrics next to the popularity baseline's on the same rows."""
+    client = use_tracking()
+    rows = []
+    for offer_type in OFFER_TYPES:
+        name = model_name(offer_type)
+        champ = _alias_version(client, name, CHAMPION) if _registered(client, name) else None
+        if not champ:
+            continue
+        run = client.get_run(client.get_model_version(name, champ).run_id)
+        m = run.data.metrics
+        row = {"offer_type": offer_type, "version": champ, "as_of": run.data.tags.get("as_of", "")}
+        for key in REPORT_METRICS:
+            row[key], row[f"baseline_{key}"] = m.get(key, math.nan), m.get(f"baseline_{key}", math.nan)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def metrics_report() -> str:
+    """A Markdown table of ``champion_metrics`` (what README shows)."""
+    df = champion_metrics()
+    if df.empty:
+        return "no champion models yet: run `offerflow train` first"
+    head = ("| model | as of | ROC AUC (baseline) | PR AUC (baseline) | lift@10% (baseline) "
+            "| top-3 hit rate (baseline) |")
+    lines = [head, "|---|---|---|---|---|---|"]
+    for r in df.itertuples(index=False):
+        cells = [f"{getattr(r, k):.3f} ({getattr(r, 'baseline_' + k):.3f})" for k in REPORT_METRICS]
+        lines.append(f"| {r.offer_type} v{r.version} | {r.as_of} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _registered(client: MlflowClient, name: str) -> bool:
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        return False
+    return True
+
+
 # -- promotion gate ------------------------------------------------------------------------------------
 @dataclass
 class GateDecision:

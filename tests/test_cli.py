@@ -10,7 +10,7 @@ from ml.cli import app
 runner = CliRunner()
 
 COMMANDS = [["simulate"], ["import", "completejourney"], ["validate"], ["train"], ["score"],
-            ["models", "list"], ["models", "history"], ["models", "promote"], ["models", "rollback"], ["demo"]]
+            ["models", "list"], ["models", "report"], ["models", "history"], ["models", "promote"], ["models", "rollback"], ["demo"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c))
