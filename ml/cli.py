@@ -162,6 +162,35 @@ def score(
     typer.echo(str(result))
 
 
+@app.command()
+def monitor(
+    as_of: Date,
+    data: Annotated[str | None, typer.Option(help=DATA_HELP)] = None,
+    crm: Annotated[str | None, typer.Option(help="CRM SQLAlchemy URL. Default: $OFFERFLOW_CRM_URL or "
+                                              "sqlite:///var/crm.db.")] = None,
+    recompute: Annotated[bool, typer.Option(help="Measure closed batches again (late orders).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Drift (PSI, KS) vs the champions' training reference, and measured uplift of closed batches vs control.
+
+    Logs to the MLflow experiment offerflow/monitoring and writes crm_offer_outcomes.
+    Exit 0 even when it recommends retraining (the result says so); 1 when the data fails its checks.
+    Example: offerflow monitor --data var/shop --as-of 2026-01-01
+    """
+    source = _data(data)
+    import json
+
+    from ml.monitor import monitor as run_monitor
+    from ml.quality import DataQualityError
+
+    try:
+        result = run_monitor(source, as_of.date(), crm_url=crm or config.crm_url(), recompute=recompute)
+    except DataQualityError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.summary())
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Registered models with their champion and challenger versions and key metrics.

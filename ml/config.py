@@ -102,7 +102,8 @@ class PolicyConfig:
     control_salt: str = "offerflow"
     value_weights: dict = field(default_factory=lambda: {"cross_sell": 1.0, "upsell": 1.0, "downsell": 1.0})
     offer_valid_days: int = 7
-    retention_batches: int = 10
+    # Keep batches until their outcome window (28 days) has closed and been measured, with daily scoring.
+    retention_batches: int = 40
 
 
 MODEL = ModelConfig()

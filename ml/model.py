@@ -128,11 +128,16 @@ def drift_reference(X: pd.DataFrame, scores: np.ndarray, categorical: list[str],
 def numeric_reference(values: np.ndarray, bins: int = REFERENCE_BINS) -> dict:
     v = values[~np.isnan(values)]
     edges = np.unique(np.quantile(v, np.linspace(0, 1, bins + 1)[1:-1])) if len(v) else np.array([])
+    # A finer grid of the training CDF (percentiles) for the KS statistic; aggregates only.
+    points = np.unique(np.quantile(v, np.linspace(0, 1, 101))) if len(v) else np.array([])
+    cdf = np.searchsorted(np.sort(v), points, side="right") / max(len(v), 1)
     return {
         "kind": "numeric",
         "edges": edges.tolist(),
         "proportions": bin_proportions(values, edges.tolist()).tolist(),
         "missing": float(np.isnan(values).mean()) if len(values) else 0.0,
+        "quantiles": points.tolist(),
+        "cdf": cdf.tolist(),
     }
 
 

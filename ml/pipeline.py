@@ -129,6 +129,14 @@ def publish(load_result: dict, crm_url: str | None = None) -> dict:
     return {**load_result, "published": True, "status": getattr(res, "status", "published")}
 
 
+def monitor(source: str, as_of: str, crm_url: str | None = None, run_tags: dict | None = None) -> dict:
+    """Drift of features and scores vs the champions' references, outcomes of closed batches."""
+    from ml.monitor import monitor as run_monitor
+
+    result = run_monitor(source, _date(as_of), crm_url=crm_url or config.crm_url(), run_tags=run_tags)
+    return result.to_dict()
+
+
 def crm_url_from_airflow(conn_uri: str | None) -> str:
     """Turn an Airflow connection URI into a SQLAlchemy URL (postgres:// → postgresql+psycopg://)."""
     if not conn_uri:

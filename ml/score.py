@@ -65,7 +65,8 @@ def decide(scored: dict[str, pd.DataFrame], models: dict, shop: Shop, as_of: dt.
     from ml.reasons import reason_codes
 
     parts = [df.assign(offer_type=t) for t, df in scored.items() if len(df)]
-    candidates = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*KEY_COLUMNS, "propensity", "model_version"])
+    empty = pd.DataFrame(columns=[*KEY_COLUMNS, "propensity", "model_version"])
+    candidates = pd.concat(parts, ignore_index=True) if parts else empty
     # The policy needs only the key columns; features stay aside, addressed by candidate_idx.
     policy_in = candidates[KEY_COLUMNS + ["propensity"]]
     result = apply_policy(policy_in, shop, as_of, cfg)

@@ -178,7 +178,9 @@ def fit(frame: pd.DataFrame, offer_type: str, cfg: ModelConfig = MODEL,
 
     valid_ll = {"raw": float(log_loss(y_valid, raw_valid, labels=[0, 1])),
                 "calibrated": float(log_loss(y_valid, model.calibrator(raw_valid), labels=[0, 1]))}
-    model.reference = drift_reference(model.to_model_input(train), model.predict_proba(train), cats)
+    # The drift reference is the newest cutoff (the out-of-time rows): the population closest to the one
+    # scored next. The oldest training cutoffs would flag every 365-day feature that is still filling up.
+    model.reference = drift_reference(model.to_model_input(test), model.predict_proba(test), cats)
     keep = [c for c in dict.fromkeys([*META_COLUMNS, *features]) if c in test.columns]
     return FitResult(model, offer_type, params, split, int(model.booster.best_iteration or 0),
                      test[keep].reset_index(drop=True), cal_scores, valid_ll)

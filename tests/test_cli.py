@@ -9,8 +9,9 @@ from ml.cli import app
 
 runner = CliRunner()
 
-COMMANDS = [["simulate"], ["import", "completejourney"], ["validate"], ["train"], ["score"],
-            ["models", "list"], ["models", "report"], ["models", "history"], ["models", "promote"], ["models", "rollback"], ["demo"]]
+COMMANDS = [["simulate"], ["import", "completejourney"], ["validate"], ["train"], ["score"], ["monitor"],
+            ["models", "list"], ["models", "report"], ["models", "history"], ["models", "promote"],
+            ["models", "rollback"], ["demo"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c))

@@ -65,8 +65,9 @@ def test_psi_and_ks_are_large_for_a_shifted_numeric_distribution():
     table = feature_drift(model, frame(20_000, seed=2, shift=1.0)).set_index("feature")
     for f in ("x", "counts", "score"):
         assert table.loc[f, "psi"] > 0.25 and table.loc[f, "status"] == "alert"
-    assert table.loc["x", "ks"] > 0.3  # true KS of N(0,1) vs N(1,1) is 0.38; the 10-edge grid sees most
-    assert table.loc["x", "ks_points"] == 9
+    # true KS of N(0,1) vs N(1,1) is 0.383; the reference's percentile grid measures it closely
+    assert table.loc["x", "ks_points"] > 90
+    assert abs(table.loc["x", "ks"] - 0.383) < 0.03
     assert table.loc["x", "top_bin"].startswith(">")  # the mass moved to the top bin
     assert table.loc["channel", "status"] == "ok"
 
