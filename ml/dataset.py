@@ -160,10 +160,11 @@ def build_examples(shop: Shop | None, cutoff: dt.date, offer_type: str, *, with_
         })
     offers = ctx.cat_offers
     key = offers["cust"].to_numpy(np.int64) * index.n_categories + offers["cat"].to_numpy(np.int64)
-    counts = pd.Series(offers["cat_offers_90d"].to_numpy("float64"), index=key)
     cand_key = cust * index.n_categories + cat
-    feats["cat_offers_90d"] = counts.reindex(cand_key).fillna(0.0).to_numpy() if len(counts) else \
-        np.zeros(len(cust))
+    for name, missing in (("cat_offers_90d", 0.0), ("cat_offers_28d", 0.0), ("cat_days_since_offer", np.nan)):
+        values = pd.Series(offers[name].to_numpy("float64"), index=key)
+        feats[name] = values.reindex(cand_key).fillna(missing).to_numpy() if len(values) else \
+            np.full(len(cust), missing)
     feats["cat_buyers_share_90d"] = ctx.cat_stats["buyers_share_90d"].to_numpy("float64")[cat]
     feats.update(pair_features(ctx, cust, cat))
     feats["offer_tier"] = tier.astype("float64")

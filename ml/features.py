@@ -38,10 +38,12 @@ FEATURE_DOCS: dict[str, str] = {
     "spend_365d": "spend in the last 365 days",
     "avg_order_value": "average spend per order, all history",
     "tenure_days": "days since signup",
+    "days_since_first_order": "days since the customer's first order in the data (how much history is known)",
     "n_categories": "number of categories ever bought",
     "order_gap_median": "median days between order days",
     "order_cycle_ratio": "days since last order / median days between order days",
     "trend_4w": "orders last 4 weeks vs the 4 before: (a - b) / (a + b)",
+    "trend_90d": "orders last 90 days vs the 90 before: (a - b) / (a + b)",
     # tier habits and price sensitivity
     "overall_tier": "most common price tier over all order lines (0 budget, 1 standard, 2 premium)",
     "share_budget": "share of order lines in the budget tier",
@@ -77,10 +79,17 @@ FEATURE_DOCS: dict[str, str] = {
     "cat_share_above_usual": "share of lines in this category above the usual tier there",
     "cat_share_below_usual": "share of lines in this category below the usual tier there",
     "cat_offers_90d": "offers for this category received in the last 90 days",
+    "cat_offers_28d": "offers for this category received in the last 28 days",
+    "cat_days_since_offer": "days since the last offer for this category (missing: none in 90 days)",
     "cat_buyers_share_90d": "share of the shop's active customers who bought this category in 90 days",
     "lift_max": "highest co-purchase lift between this category and the categories owned",
     "lift_mean": "mean co-purchase lift between this category and the categories owned",
     "collab_sim": "similarity of the customer's category profile to this category's buyers",
+    "related_owned": "number of owned categories strongly co-bought with this one (lift >= RELATED_LIFT)",
+    "log_lift_sum": "sum of log co-purchase lift between this category and each category owned",
+    "related_spend_share": "share of all-time spend in categories strongly co-bought with this one",
+    "related_orders_365d": "purchases in the last 365 days in categories strongly co-bought with this one",
+    "related_order_rate": "purchases in strongly co-bought categories per order in the last 365 days",
     # the offered product
     "offer_tier": "price tier of the offered product",
     "offer_tier_step": "offered tier minus the usual tier (overall tier for cross-sell)",
@@ -89,7 +98,8 @@ FEATURE_DOCS: dict[str, str] = {
 
 CUSTOMER_FEATURES = (
     "days_since_last_order", "orders_90d", "orders_365d", "spend_90d", "spend_365d", "avg_order_value",
-    "tenure_days", "n_categories", "order_gap_median", "order_cycle_ratio", "trend_4w",
+    "tenure_days", "days_since_first_order", "n_categories", "order_gap_median", "order_cycle_ratio",
+    "trend_4w", "trend_90d",
     "overall_tier", "share_budget", "share_premium", "share_above_usual", "share_below_usual",
     "share_below_list", "price_vs_cat_median",
     "share_web", "share_app", "share_store", "share_phone",
@@ -102,12 +112,16 @@ HISTORY_FEATURES = (
     "cat_share_below_usual",
 )
 CANDIDATE_FEATURES = (
-    "cat_offers_90d", "cat_buyers_share_90d", "lift_max", "lift_mean", "collab_sim",
+    "cat_offers_90d", "cat_offers_28d", "cat_days_since_offer", "cat_buyers_share_90d",
+    "lift_max", "lift_mean", "collab_sim",
+    "related_owned", "log_lift_sum", "related_spend_share", "related_orders_365d", "related_order_rate",
     "offer_tier", "offer_tier_step", "offer_price_rel",
 )
 SEGMENT_FEATURES = ("value_band", "activity_band")
 
 ACTIVE_DAYS, LAPSED_DAYS = 30, 90
+# Two categories are "strongly related" when owning one makes owning the other this many times likelier.
+RELATED_LIFT = 1.5
 AGE_BANDS = ((25, "<25"), (35, "25-34"), (45, "35-44"), (55, "45-54"), (65, "55-64"), (200, "65+"))
 _CHANNEL_SQL = " ".join(f"WHEN '{c}' THEN {i}" for i, c in enumerate(CHANNELS_ORDER))
 _CHUNK = 262_144
@@ -235,12 +249,13 @@ class FeatureContext:
     cc: pd.DataFrame
     owned: np.ndarray  # bool, customers × categories
     profile: np.ndarray  # float32 spend shares, customers × categories
+    cat_orders: np.ndarray  # float32 orders per category in the 365 days before T, customers × categories
     lift: np.ndarray  # float32 categories × categories, NaN where a category has no buyer
     buyer_profile: np.ndarray  # float32 mean profile of each category's buyers
     cat_stats: pd.DataFrame  # per category: buyers_share_90d, median_price
     tier_share: np.ndarray  # categories × tiers: share of the category's 90-day buyers buying that tier
     best_product: np.ndarray  # categories × tiers: pcode of the best-selling active product, -1 if none
-    cat_offers: pd.DataFrame  # cust, cat, cat_offers_90d
+    cat_offers: pd.DataFrame  # cust, cat, cat_offers_90d, cat_offers_28d, cat_days_since_offer
 
     @classmethod
     def build(cls, shop_or_index: Shop | ShopIndex, cutoff: dt.date, cfg: ModelConfig = MODEL
@@ -286,6 +301,7 @@ def _build_context(index: ShopIndex, cutoff: dt.date, cfg: ModelConfig) -> Featu
                count(*) FILTER (WHERE ts >= $t28) AS orders_4w,
                count(*) FILTER (WHERE ts >= $t56 AND ts < $t28) AS orders_prev_4w,
                {_days("max(ts)")} AS days_since_last_order,
+               {_days("min(ts)")} AS days_since_first_order,
                {channel_cols}
         FROM orders WHERE ts < $T GROUP BY cust""", p)  # noqa: S608 - constants; values bound
     gaps = index.query("""
@@ -320,10 +336,11 @@ def _build_context(index: ShopIndex, cutoff: dt.date, cfg: ModelConfig) -> Featu
         SELECT oh.cust, count(*) AS n_offers, count(*) FILTER (WHERE oh.ts >= $t90) AS offers_90d,
                count(resp.oid) AS offer_responses, {_days("max(oh.ts)")} AS days_since_last_offer
         FROM oh LEFT JOIN resp USING (oid) GROUP BY oh.cust""", p)  # noqa: S608 - constants; values bound
-    cat_offers = index.query("""
-        SELECT cust, cat, count(*) AS cat_offers_90d FROM offers
-        WHERE ts >= $t90 AND ts < $T AND cat IS NOT NULL GROUP BY cust, cat""",
-                             {"T": p["T"], "t90": p["t90"]})
+    cat_offers = index.query(f"""
+        SELECT cust, cat, count(*) AS cat_offers_90d, count(*) FILTER (WHERE ts >= $t28) AS cat_offers_28d,
+               {_days("max(ts)")} AS cat_days_since_offer FROM offers
+        WHERE ts >= $t90 AND ts < $T AND cat IS NOT NULL GROUP BY cust, cat""",  # noqa: S608 - constants
+                             {"T": p["T"], "t90": p["t90"], "t28": p["t28"]})
 
     # ---- customer × category rows
     cc = cc.merge(cat_gaps, on=["cust", "cat"], how="left")
@@ -370,6 +387,7 @@ def _build_context(index: ShopIndex, cutoff: dt.date, cfg: ModelConfig) -> Featu
     for col in ("orders_90d", "orders_365d"):
         cust[col] = o[col].fillna(0).to_numpy("float64")
     cust["days_since_last_order"] = o["days_since_last_order"].to_numpy("float64", na_value=np.nan)
+    cust["days_since_first_order"] = o["days_since_first_order"].to_numpy("float64", na_value=np.nan)
     cust["avg_order_value"] = _safe_div(spend, n_orders)
     signup = index.signup
     tenure = (np.datetime64(cutoff_ts(cutoff), "us") - signup) / np.timedelta64(1, "D")
@@ -379,6 +397,8 @@ def _build_context(index: ShopIndex, cutoff: dt.date, cfg: ModelConfig) -> Featu
     cust["order_cycle_ratio"] = _safe_div(cust["days_since_last_order"], cust["order_gap_median"])
     a, b = o["orders_4w"].fillna(0).to_numpy("float64"), o["orders_prev_4w"].fillna(0).to_numpy("float64")
     cust["trend_4w"] = _safe_div(a - b, a + b)
+    a, b = cust["orders_90d"].to_numpy("float64"), o["orders_prev_90d"].fillna(0).to_numpy("float64")
+    cust["trend_90d"] = _safe_div(a - b, a + b)
     for c in CHANNELS_ORDER:
         cust[f"share_{c}"] = _safe_div(o[f"ch_{c}"].fillna(0), n_orders)
     off = offers.set_index("cust").reindex(cust.index)
@@ -400,6 +420,8 @@ def _build_context(index: ShopIndex, cutoff: dt.date, cfg: ModelConfig) -> Featu
     profile[ci, cat_i] = _safe_div(cc["spend"].to_numpy(), spend[ci])
     profile = np.nan_to_num(profile, copy=False)
     cc["cat_share_spend"] = profile[ci, cat_i]
+    cat_orders = np.zeros((n, k), dtype=np.float32)
+    cat_orders[ci, cat_i] = cc["orders_365d"].to_numpy("float64")
 
     has_hist = cust["n_lines"].to_numpy() > 0
     n_hist = float(has_hist.sum())
@@ -455,6 +477,7 @@ def _build_context(index: ShopIndex, cutoff: dt.date, cfg: ModelConfig) -> Featu
     best_product[best["cat"].to_numpy(np.int64), best["tier"].to_numpy(np.int64)] = best["pcode"].to_numpy()
 
     return FeatureContext(index=index, cutoff=cutoff, cust=cust, cc=cc, owned=owned, profile=profile,
+                          cat_orders=cat_orders,
                           lift=lift.astype(np.float32), buyer_profile=buyer_profile, cat_stats=cat_stats,
                           tier_share=tier_share, best_product=best_product,
                           cat_offers=cat_offers)
@@ -466,12 +489,19 @@ def pair_features(ctx: FeatureContext, cust: np.ndarray, cat: np.ndarray) -> dic
     lift(a, b) = P(owns a and b) / (P(owns a) P(owns b)) over customers with history before T.
     collab_sim = cosine between the customer's spend-share profile and the mean profile of the
     category's buyers, both without the category's own coordinate (it would only say "already buys").
+    The ``related_*`` features count and weigh only the owned categories with lift >= RELATED_LIFT:
+    a mean over all owned categories dilutes two strongly related ones among five unrelated ones, and
+    how often the customer buys in the related categories says how strong that taste is.
     """
     m = len(cust)
-    lift_max = np.full(m, np.nan, dtype=np.float32)
-    lift_mean = np.full(m, np.nan, dtype=np.float32)
-    collab = np.full(m, np.nan, dtype=np.float32)
+    names = ("lift_max", "lift_mean", "collab_sim", "related_owned", "log_lift_sum", "related_spend_share",
+             "related_orders_365d", "related_order_rate")
+    out = {name: np.full(m, np.nan, dtype=np.float32) for name in names}
     lift0 = np.nan_to_num(ctx.lift, nan=0.0)
+    # log lift, floored: "never bought together" is strong evidence against, but not -inf.
+    with np.errstate(divide="ignore"):
+        log_lift = np.log(np.maximum(lift0, np.float32(0.1))).astype(np.float32)
+    orders_365d = ctx.cust["orders_365d"].to_numpy("float64")
     for start in range(0, m, _CHUNK):
         sl = slice(start, start + _CHUNK)
         i, c = cust[sl], cat[sl]
@@ -483,17 +513,25 @@ def pair_features(ctx: FeatureContext, cust: np.ndarray, cat: np.ndarray) -> dic
         mx = np.where(mask, lc, -np.inf).max(axis=1) if len(i) else np.zeros(0)
         mean = np.where(mask, lc, 0).sum(axis=1) / np.maximum(n_own, 1)
         ok = n_own > 0
-        lift_max[sl] = np.where(ok, mx, np.nan)
-        lift_mean[sl] = np.where(ok, mean, np.nan)
+        out["lift_max"][sl] = np.where(ok, mx, np.nan)
+        out["lift_mean"][sl] = np.where(ok, mean, np.nan)
+        related = mask & (lc >= RELATED_LIFT)
+        out["related_owned"][sl] = related.sum(axis=1)
+        out["log_lift_sum"][sl] = np.where(mask, log_lift[c], 0).sum(axis=1)
         pi = ctx.profile[i].copy()
+        out["related_spend_share"][sl] = np.where(related, pi, 0).sum(axis=1)
+        rel_orders = np.where(related, ctx.cat_orders[i], 0).sum(axis=1)
+        out["related_orders_365d"][sl] = rel_orders
+        out["related_order_rate"][sl] = _safe_div(rel_orders, orders_365d[i])
         mc = ctx.buyer_profile[c].copy()
         pi[rows, c] = 0
         mc[rows, c] = 0
         dot = (pi * mc).sum(axis=1)
         norm = np.sqrt((pi * pi).sum(axis=1) * (mc * mc).sum(axis=1))
-        collab[sl] = _safe_div(dot, norm)
+        out["collab_sim"][sl] = _safe_div(dot, norm)
     # A category nobody bought before T has no lift with anything.
     unbought = ctx.owned.sum(axis=0) == 0
-    lift_max[unbought[cat]] = np.nan
-    lift_mean[unbought[cat]] = np.nan
-    return {"lift_max": lift_max, "lift_mean": lift_mean, "collab_sim": collab}
+    for name in names:
+        if name != "collab_sim":
+            out[name][unbought[cat]] = np.nan
+    return out

@@ -216,8 +216,11 @@ PHRASES: dict[str, Template] = {
     "order_gap_median": _numeric(lambda v, r: f"orders about every {_days(v)}"),
     "avg_order_value": _numeric(lambda v, r: f"spends {_n(v)} per order on average"),
     "tenure_days": _numeric(lambda v, r: f"customer for {_duration(v)}"),
+    "days_since_first_order": _numeric(lambda v, r: f"first order {_days(v)} ago"),
     "n_categories": _numeric(lambda v, r: f"buys in {_n(v)} categor{'y' if round(v) == 1 else 'ies'}"),
     "trend_4w": _numeric(_trend),
+    "trend_90d": _numeric(lambda v, r: _trend(v, r).replace("4 weeks", "90 days").replace("the 4 before",
+                                                                                          "the 90 before")),
     # tier habits and price sensitivity
     "overall_tier": lambda v, r: None if _tier(v) is None else f"usually buys {_tier(v)} tier",
     "usual_tier": lambda v, r: None if _tier(v) is None else f"usually buys {_tier(v)} tier in {r.category}",
@@ -228,6 +231,8 @@ PHRASES: dict[str, Template] = {
     "offer_response_rate": lambda v, r: "has no past offers yet" if v is None else
     f"responded to {_pct(v)} of past offers",
     "days_since_last_offer": _days_since_last_offer,
+    "cat_days_since_offer": lambda v, r: f"no {r.category} offer in the last 90 days" if v is None else
+    f"received a {r.category} offer {_days(v)} ago",
     # segment parts
     "value_band": lambda v, r: None if v is None else f"{v} spender over the last year",
     "activity_band": lambda v, r: None if v is None else f"{v} customer",
@@ -238,6 +243,16 @@ PHRASES: dict[str, Template] = {
     "cat_gap_median": _numeric(lambda v, r: f"buys {r.category} about every {_days(v)}"),
     "cat_share_spend": _numeric(lambda v, r: f"{_pct(v)} of their spend goes to {r.category}"),
     "collab_sim": "customers like them often buy {category}",
+    "related_owned": _numeric(lambda v, r: f"already buys {_n(v)} categor{'y' if round(v) == 1 else 'ies'} "
+                              f"often bought with {r.category}"),
+    "log_lift_sum": _numeric(lambda v, r: f"what they buy is {'often' if v > 0 else 'rarely'} bought "
+                             f"together with {r.category}"),
+    "related_spend_share": _numeric(lambda v, r: f"{_pct(v)} of their spend is in categories often bought "
+                                    f"with {r.category}"),
+    "related_orders_365d": _numeric(lambda v, r: f"bought {_times(v)} in a year in categories often bought "
+                                    f"with {r.category}"),
+    "related_order_rate": _numeric(lambda v, r: f"{v:.1f} purchases per order in categories often bought "
+                                   f"with {r.category}"),
     # the offered product
     "offer_tier": lambda v, r: None if _tier(v) is None else f"offers a {_tier(v)} product",
     "offer_tier_step": _numeric(_tier_step),
