@@ -16,8 +16,15 @@ from __future__ import annotations
 
 import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import CronTriggerTimetable, dag, task
-from offerflow_operators import AS_OF, DATA, GreatExpectationsValidationOperator, crm_url, run_params
+from airflow.sdk import CronTriggerTimetable, dag, get_current_context, task
+from offerflow_operators import (
+    AS_OF,
+    DATA,
+    GreatExpectationsValidationOperator,
+    airflow_run_tags,
+    crm_url,
+    run_params,
+)
 
 
 @dag(
@@ -37,7 +44,8 @@ def offers_monitor():
     def monitor(data: str, as_of: str) -> dict:
         from ml import pipeline
 
-        return pipeline.monitor(data, as_of, crm_url=crm_url())
+        return pipeline.monitor(data, as_of, crm_url=crm_url(),
+                                run_tags=airflow_run_tags(get_current_context()))
 
     @task.short_circuit
     def retrain_needed(report: dict) -> bool:

@@ -104,7 +104,7 @@ def write_quality_report(report: dict, dag_id: str, run_id: str, keep: int = 50)
 def airflow_run_tags(context: Any) -> dict[str, str]:
     """MLflow tags naming the Airflow run that produced a model."""
     ti = context["ti"]
-    return {"airflow.dag_id": ti.dag_id, "airflow.run_id": ti.run_id, "airflow.task_id": ti.task_id}
+    return {"airflow_dag_id": ti.dag_id, "airflow_run_id": ti.run_id, "airflow_task_id": ti.task_id}
 
 
 class GreatExpectationsValidationOperator(BaseOperator):

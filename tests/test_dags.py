@@ -356,7 +356,7 @@ class FakePipeline:
         self.calls.append(("publish", {"load_result": load_result, "crm_url": crm_url}))
         return {**load_result, "status": "published"}
 
-    def monitor(self, source, as_of, crm_url=None):
+    def monitor(self, source, as_of, crm_url=None, run_tags=None):
         self.calls.append(("monitor", {"as_of": as_of, "crm_url": crm_url}))
         why = "PSI 0.31 > 0.2 on recency_days" if self.retrain else "no drift"
         return {"retrain": self.retrain, "why": why}
@@ -381,8 +381,8 @@ def test_train_wiring(airflow_db, dagbag, monkeypatch):
     trained = fake.called("train_offer")
     assert sorted(c["offer_type"] for c in trained) == ["cross_sell", "downsell", "upsell"]
     assert {c["source"] for c in trained} == {"/shop"}
-    assert all(c["run_tags"]["airflow.dag_id"] == "offers_train" for c in trained)
-    assert all(c["run_tags"]["airflow.run_id"] == dr.run_id for c in trained)
+    assert all(c["run_tags"]["airflow_dag_id"] == "offers_train" for c in trained)
+    assert all(c["run_tags"]["airflow_run_id"] == dr.run_id for c in trained)
     assert sorted(c["train_result"]["run_id"] for c in fake.called("gate_offer")) == [
         "run-cross_sell", "run-downsell", "run-upsell"]
     assert _states(dr)["publish_champions"] == ["success"]
@@ -639,10 +639,14 @@ def test_e2e_score_into_postgres(e2e, dagbag, pg_url):
 
 @pytest.mark.slow
 def test_e2e_monitor(e2e, dagbag):
-    from ml import pipeline
+    import mlflow
 
-    if not hasattr(pipeline, "monitor"):
-        pytest.skip("ml.pipeline.monitor is not written yet")
     dr = _fresh("offers_monitor").test(run_conf={"as_of": E2E_AS_OF, "data": e2e["shop"]})
     _ok(dr)
-    assert _states(dr)["trigger_retrain"][0] in ("success", "skipped")
+    assert _states(dr)["monitor"] == ["success"]
+    # the monitoring run is in MLflow, tagged with this DAG run, and the trigger follows its verdict
+    runs = mlflow.search_runs(experiment_names=["offerflow/monitoring"],
+                              filter_string=f"tags.airflow_run_id = '{dr.run_id}'")
+    assert len(runs) == 1
+    retrain = runs.iloc[0]["tags.retrain"] == "true"
+    assert _states(dr)["trigger_retrain"] == ["success" if retrain else "skipped"]
