@@ -33,13 +33,18 @@ def var_dir() -> Path:
     return Path(os.environ.get("OFFERFLOW_HOME", "var")).resolve()
 
 
-def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    path = var_dir() / "mlflow.db"
+def _env_or_local_sqlite(variable: str, filename: str) -> str:
+    """The URL in ``variable``, else an embedded SQLite database under ``var_dir()``."""
+    url = os.environ.get(variable)
+    if url:
+        return url
+    path = var_dir() / filename
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
+
+
+def tracking_uri() -> str:
+    return _env_or_local_sqlite("MLFLOW_TRACKING_URI", "mlflow.db")
 
 
 def artifact_root() -> str:
@@ -48,12 +53,7 @@ def artifact_root() -> str:
 
 
 def crm_url() -> str:
-    url = os.environ.get("OFFERFLOW_CRM_URL")
-    if url:
-        return url
-    path = var_dir() / "crm.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+    return _env_or_local_sqlite("OFFERFLOW_CRM_URL", "crm.db")
 
 
 def default_data() -> str | None:

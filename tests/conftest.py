@@ -83,17 +83,6 @@ def pg_url():
 
 
 @pytest.fixture(scope="session")
-def pg_url_session():
-    """Like ``pg_url`` but shared by a whole session (for expensive stores)."""
-    _require_postgres()
-    name, url = _create_database()
-    try:
-        yield url
-    finally:
-        _drop_database(name)
-
-
-@pytest.fixture(scope="session")
 def mlflow_template_db(tmp_path_factory) -> pathlib.Path:
     """An empty, migrated MLflow SQLite store: creating one costs 3–20 s here, copying it 0.3 s."""
     from mlflow import MlflowClient
