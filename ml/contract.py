@@ -9,6 +9,7 @@ quality gate turns into a readable failure.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -205,6 +206,18 @@ class Shop:
 def empty_table(name: str) -> pd.DataFrame:
     spec = TABLES[name]
     return pd.DataFrame({c.name: pd.Series(dtype=CANONICAL_DTYPES[c.type]) for c in spec.columns})
+
+
+def as_date(value: object) -> dt.date:
+    """A cutoff / as-of date from a date, a datetime, a Timestamp or an ISO string (YYYY-MM-DD...)."""
+    if isinstance(value, dt.datetime):  # before date: a datetime is a date subclass
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(str(value)[:10])
+    except ValueError:
+        raise ValueError(f"expected a date YYYY-MM-DD, got {value!r}") from None
 
 
 # ---------------------------------------------------------------------------- coercion

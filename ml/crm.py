@@ -160,7 +160,7 @@ def _schema(schema: str | None) -> _Schema:
     return _Schema(md, batches, offers, create_view.table, create_view)
 
 
-def _normalise_url(url: str | sa.URL) -> sa.URL:
+def normalise_url(url: str | sa.URL) -> sa.URL:
     """``postgresql://`` (as Airflow connections spell it) means psycopg 3 here, not psycopg2."""
     u = sa.make_url(url)
     if u.drivername in ("postgresql", "postgres"):
@@ -193,7 +193,7 @@ def _sqlite_setup(engine: sa.Engine) -> None:
 @contextmanager
 def _engine(url: str | sa.URL, schema: str | None = None) -> Iterator[sa.Engine]:
     """A short-lived engine per call: publish is a few statements, pooling would only leak."""
-    u = _normalise_url(url)
+    u = normalise_url(url)
     if schema is not None:
         check_identifier(schema)
         if u.get_backend_name() == "sqlite":
@@ -255,7 +255,7 @@ def ensure_schema(url: str, schema: str | None = None) -> None:
             if VIEW in views:
                 conn.execute(DropView(s.view))
             conn.execute(s.create_view)
-    _ENSURED.add((str(_normalise_url(url)), schema))
+    _ENSURED.add((str(normalise_url(url)), schema))
 
 
 def _lock_key(schema: str | None) -> int:
@@ -303,7 +303,7 @@ def start_batch(url: str, batch_id: str, as_of: dt.date, model_versions: Mapping
     A new, ``failed``, ``loading`` (crashed earlier) or ``superseded`` batch loses its old rows
     and is (re)marked ``loading``; a ``published`` batch is left alone so a rerun publishes once.
     """
-    key = (str(_normalise_url(url)), schema)
+    key = (str(normalise_url(url)), schema)
     if key not in _ENSURED:  # once per process and database: the inspection costs a few round trips
         ensure_schema(url, schema)
     s = _schema(schema)

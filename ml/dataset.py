@@ -16,7 +16,7 @@ import pandas as pd
 
 from ml.candidates import candidates_for
 from ml.config import MODEL, ModelConfig
-from ml.contract import OFFER_TYPES, Shop
+from ml.contract import OFFER_TYPES, Shop, as_date
 from ml.features import (
     CANDIDATE_FEATURES,
     CUSTOMER_FEATURES,
@@ -48,10 +48,6 @@ def feature_columns(offer_type: str, cfg: ModelConfig = MODEL) -> list[str]:
     return cols + list(CANDIDATE_FEATURES)
 
 
-def _as_date(d: dt.date | dt.datetime | pd.Timestamp | str) -> dt.date:
-    return pd.Timestamp(d).date()
-
-
 def cutoffs_for(as_of: dt.date, cfg: ModelConfig = MODEL) -> list[dt.date]:
     """Ascending. last = as_of - H (out-of-time TEST), the one before = as_of - 2H (VALIDATION: early
     stopping + calibration, its labels end exactly at the test cutoff), then training cutoffs every
@@ -60,7 +56,7 @@ def cutoffs_for(as_of: dt.date, cfg: ModelConfig = MODEL) -> list[dt.date]:
     if cfg.n_cutoffs < 3:
         raise ValueError(f"n_cutoffs={cfg.n_cutoffs}: need at least one training, one validation and "
                          "one test cutoff")
-    as_of = _as_date(as_of)
+    as_of = as_date(as_of)
     h = dt.timedelta(days=cfg.horizon_days)
     step_ = dt.timedelta(days=cfg.cutoff_step_days)
     test, valid = as_of - h, as_of - 2 * h
@@ -96,7 +92,7 @@ def build_examples(shop: Shop | None, cutoff: dt.date, offer_type: str, *, with_
     """
     if offer_type not in OFFER_TYPES:
         raise ValueError(f"unknown offer type {offer_type!r}; choose from {list(OFFER_TYPES)}")
-    cutoff = _as_date(cutoff)
+    cutoff = as_date(cutoff)
     if context is None:
         if shop is None:
             raise ValueError("build_examples needs a shop or a context")

@@ -10,16 +10,7 @@ import datetime as dt
 from pathlib import Path
 
 from ml import config
-from ml.contract import OFFER_TYPES
-
-
-def _date(as_of: str | dt.date) -> dt.date:
-    if isinstance(as_of, dt.date):
-        return as_of
-    try:
-        return dt.date.fromisoformat(str(as_of)[:10])
-    except ValueError:
-        raise ValueError(f"as_of must be a date YYYY-MM-DD, got {as_of!r}") from None
+from ml.contract import OFFER_TYPES, as_date
 
 
 def _offer_type(offer_type: str) -> str:
@@ -30,7 +21,7 @@ def _offer_type(offer_type: str) -> str:
 
 def work_dir(as_of: str | dt.date) -> Path:
     """Per-as-of folder for intermediate files; shared storage when workers are on several machines."""
-    path = config.var_dir() / "runs" / _date(as_of).isoformat()
+    path = config.var_dir() / "runs" / as_date(as_of).isoformat()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -39,7 +30,7 @@ def validate_inputs(source: str, as_of: str) -> dict:
     """The data-quality gate; raises ``DataQualityError`` (readable summary) when the data fails."""
     from ml.quality import DataQualityError, validate_source
 
-    report = validate_source(source, as_of=_date(as_of))
+    report = validate_source(source, as_of=as_date(as_of))
     if not report.success:
         raise DataQualityError(report)
     return {**report.to_dict(), "summary": report.summary()}
@@ -49,7 +40,7 @@ def train_offer(source: str, as_of: str, offer_type: str, run_tags: dict | None 
     """Build the training set, fit, evaluate, log and register one offer type's model."""
     from ml.train import train_one
 
-    return train_one(source, _date(as_of), _offer_type(offer_type), run_tags=run_tags or {})
+    return train_one(source, as_date(as_of), _offer_type(offer_type), run_tags=run_tags or {})
 
 
 def gate_offer(train_result: dict) -> dict:
@@ -73,7 +64,7 @@ def score_offer(source: str, as_of: str, offer_type: str, shard: int = 0, n_shar
     from ml.registry import load_champion, load_model_version
     from ml.score import score_offer_type
 
-    day = _date(as_of)
+    day = as_date(as_of)
     shop = require_valid(source, as_of=day)
     if version is None:
         model, version = load_champion(_offer_type(offer_type))
@@ -96,7 +87,7 @@ def decide_and_load(source: str, as_of: str, scored: list[dict], crm_url: str | 
     from ml.registry import load_model_version
     from ml.score import batch_id, decide
 
-    day = _date(as_of)
+    day = as_date(as_of)
     shop = require_valid(source, as_of=day)
     frames: dict[str, list] = {}
     versions: dict[str, str] = {}
@@ -133,7 +124,7 @@ def monitor(source: str, as_of: str, crm_url: str | None = None, run_tags: dict 
     """Drift of features and scores vs the champions' references, outcomes of closed batches."""
     from ml.monitor import monitor as run_monitor
 
-    result = run_monitor(source, _date(as_of), crm_url=crm_url or config.crm_url(), run_tags=run_tags)
+    result = run_monitor(source, as_date(as_of), crm_url=crm_url or config.crm_url(), run_tags=run_tags)
     return result.to_dict()
 
 
@@ -146,7 +137,6 @@ def crm_url_from_airflow(conn_uri: str | None) -> str:
         from urllib.parse import unquote
 
         return "sqlite:///" + unquote(conn_uri.removeprefix("sqlite:").removeprefix("///"))
-    for prefix in ("postgres://", "postgresql://"):
-        if conn_uri.startswith(prefix):
-            return "postgresql+psycopg://" + conn_uri[len(prefix):]
-    return conn_uri
+    from ml.crm import normalise_url
+
+    return normalise_url(conn_uri).render_as_string(hide_password=False)

@@ -22,7 +22,7 @@ import pandas as pd
 
 from ml import registry
 from ml.config import GATE, MODEL, POLICY, GateConfig, ModelConfig
-from ml.contract import Shop
+from ml.contract import Shop, as_date
 from ml.evaluate import evaluate, figures
 from ml.model import OfferModel, choose_calibrator, drift_reference, log_offer_model
 from ml.progress import log, step
@@ -274,10 +274,6 @@ def track(fit_result: FitResult, as_of: dt.date, data_fingerprint: str, quality:
 
 
 # -- orchestration -------------------------------------------------------------------------------------
-def _as_date(as_of: dt.date | str) -> dt.date:
-    return as_of if isinstance(as_of, dt.date) else dt.date.fromisoformat(str(as_of)[:10])
-
-
 def validated_shop(source: str | Path, as_of: dt.date) -> tuple[Shop, dict]:
     """The data-quality gate and the data cut at ``as_of``, read once; raises ``DataQualityError``.
 
@@ -302,7 +298,7 @@ def train_one(source: str | Path | Shop, as_of: dt.date | str, offer_type: str, 
     """
     from ml.dataset import build_training_set
 
-    as_of = _as_date(as_of)
+    as_of = as_date(as_of)
     if isinstance(source, Shop):
         shop = source
     else:
@@ -332,7 +328,7 @@ def train_offer_types(source: str | Path, as_of: dt.date, offer_types: list[str]
     """The CLI's ``train``: validate once, then train, register and (optionally) gate each type."""
     from ml.dataset import build_training_sets
 
-    as_of = _as_date(as_of)
+    as_of = as_date(as_of)
     with step("validate inputs"):
         shop, quality = validated_shop(source, as_of)
     with step("training sets " + ", ".join(offer_types)) as info:
