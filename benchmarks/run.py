@@ -578,6 +578,15 @@ def _fmt(x, nd: int = 1) -> str:
     return f"{x:.{nd}f}"
 
 
+def _row(step: str, seconds: float | None, rows: int | None, ratio: str = "",
+         rows_per_s: float | None = None, peak_rss_mb: float | None = None) -> dict:
+    """One table row; rows/s defaults to rows / seconds (sub-rows of a step have no RSS of their own)."""
+    if rows_per_s is None and rows is not None and seconds:
+        rows_per_s = rows / seconds
+    return {"step": step, "wall_s": seconds, "rows": rows, "rows_per_s": rows_per_s,
+            "peak_rss_mb": peak_rss_mb, "ratio": ratio}
+
+
 def build_rows(results: dict) -> list[dict]:
     """Table rows: the steps, then the limits measured in the same run (marked as such)."""
     rows = []
@@ -586,16 +595,7 @@ def build_rows(results: dict) -> list[dict]:
         if not r:
             continue
         if r.get("status") != "ok":
-            rows.append(
-                {
-                    "step": name,
-                    "wall_s": None,
-                    "rows": None,
-                    "rows_per_s": None,
-                    "peak_rss_mb": r.get("process_maxrss_mb"),
-                    "ratio": "FAILED",
-                }
-            )
+            rows.append(_row(name, None, None, "FAILED", peak_rss_mb=r.get("process_maxrss_mb")))
             continue
         ratio = ""
         if name == "score":
@@ -611,141 +611,40 @@ def build_rows(results: dict) -> list[dict]:
                 f"(no suite {r['ratio_no_suite_vs_raw_copy']:.2f}, load {r['ratio_load_vs_raw_copy']:.2f}); "
                 f"{r['speedup_full_vs_to_sql']:.1f}× to_sql"
             )
-        rows.append(
-            {
-                "step": name,
-                "wall_s": r["seconds"],
-                "rows": r["rows"],
-                "rows_per_s": r["rows_per_s"],
-                "peak_rss_mb": r["peak_rss_mb"],
-                "ratio": ratio,
-            }
-        )
+        rows.append(_row(name, r["seconds"], r["rows"], ratio, rows_per_s=r["rows_per_s"],
+                         peak_rss_mb=r["peak_rss_mb"]))
         if name.startswith("train_"):
-            rows.append(
-                {
-                    "step": "  ↳ fit only",
-                    "wall_s": r["fit_s"],
-                    "rows": r["rows"],
-                    "rows_per_s": r["fit_rows_per_s"],
-                    "peak_rss_mb": None,
-                    "ratio": f"track {r['track_s']:.1f} s, gate {r['gate_s']:.1f} s, "
-                    f"store {r['store_init_s']:.1f} s",
-                }
-            )
+            rows.append(_row("  ↳ fit only", r["fit_s"], r["rows"],
+                             f"track {r['track_s']:.1f} s, gate {r['gate_s']:.1f} s, "
+                             f"store {r['store_init_s']:.1f} s", rows_per_s=r["fit_rows_per_s"]))
         if name == "score":
-            p, rc = r["predict"], r["reasons"]
-            n = r["rows"]
-            rows.append(
-                {
-                    "step": "  ↳ score excl. FeatureContext",
-                    "wall_s": r["seconds"] - r["feature_context_s"],
-                    "rows": n,
-                    "rows_per_s": n / (r["seconds"] - r["feature_context_s"]),
-                    "peak_rss_mb": None,
-                    "ratio": f"{n / (r['seconds'] - r['feature_context_s']) / p['raw_rows_per_s']:.3f}"
-                    " of raw predict"
-                    if p.get("rows")
-                    else "",
-                }
-            )
+            p, rc, n = r["predict"], r["reasons"], r["rows"]
+            without_features = r["seconds"] - r["feature_context_s"]
+            rows.append(_row("  ↳ score excl. FeatureContext", without_features, n,
+                             f"{n / without_features / p['raw_rows_per_s']:.3f} of raw predict"
+                             if p.get("rows") else ""))
             if p.get("rows"):
-                rows.append(
-                    {
-                        "step": "  ↳ predict path (predict_proba)",
-                        "wall_s": p["predict_proba_s"],
-                        "rows": p["rows"],
-                        "rows_per_s": p["predict_proba_rows_per_s"],
-                        "peak_rss_mb": None,
-                        "ratio": f"{p['ratio']:.2f} of raw predict",
-                    }
-                )
-                rows.append(
-                    {
-                        "step": "  limit: raw Booster.predict",
-                        "wall_s": p["raw_booster_predict_s"],
-                        "rows": p["rows"],
-                        "rows_per_s": p["raw_rows_per_s"],
-                        "peak_rss_mb": None,
-                        "ratio": "limit (float64 numpy, best_iteration)",
-                    }
-                )
+                rows.append(_row("  ↳ predict path (predict_proba)", p["predict_proba_s"], p["rows"],
+                                 f"{p['ratio']:.2f} of raw predict",
+                                 rows_per_s=p["predict_proba_rows_per_s"]))
+                rows.append(_row("  limit: raw Booster.predict", p["raw_booster_predict_s"], p["rows"],
+                                 "limit (float64 numpy, best_iteration)", rows_per_s=p["raw_rows_per_s"]))
             if rc.get("rows"):
-                rows.append(
-                    {
-                        "step": "  ↳ reason codes (contrib + phrases)",
-                        "wall_s": rc["seconds"],
-                        "rows": rc["rows"],
-                        "rows_per_s": rc["rows_per_s"],
-                        "peak_rss_mb": None,
-                        "ratio": f"{rc['seconds'] / r['seconds']:.1%} of scoring time "
-                        f"(contrib {rc['contributions_s']:.1f} s, phrases {rc['reason_codes_s']:.1f} s)",
-                    }
-                )
-        if name == "publish_pg" and "raw_copy_s" in r:
+                rows.append(_row("  ↳ reason codes (contrib + phrases)", rc["seconds"], rc["rows"],
+                                 f"{rc['seconds'] / r['seconds']:.1%} of scoring time "
+                                 f"(contrib {rc['contributions_s']:.1f} s, "
+                                 f"phrases {rc['reason_codes_s']:.1f} s)", rows_per_s=rc["rows_per_s"]))
+        limits = name == "publish_pg" and "raw_copy_s" in r
+        if limits or name == "publish_sqlite":
             n = r["rows"]
-            rows.append(
-                {
-                    "step": "  ↳ publish without output suite",
-                    "wall_s": r["publish_no_suite_s"],
-                    "rows": n,
-                    "rows_per_s": n / r["publish_no_suite_s"],
-                    "peak_rss_mb": None,
-                    "ratio": f"{r['ratio_no_suite_vs_raw_copy']:.2f} of raw COPY",
-                }
-            )
-            rows.append(
-                {
-                    "step": "  ↳ load only (start_batch + load_rows)",
-                    "wall_s": r["load_only_s"],
-                    "rows": n,
-                    "rows_per_s": n / r["load_only_s"],
-                    "peak_rss_mb": None,
-                    "ratio": f"{r['ratio_load_vs_raw_copy']:.2f} of raw COPY",
-                }
-            )
-            rows.append(
-                {
-                    "step": "  limit: raw COPY (pyarrow CSV)",
-                    "wall_s": r["raw_copy_s"],
-                    "rows": n,
-                    "rows_per_s": n / r["raw_copy_s"],
-                    "peak_rss_mb": None,
-                    "ratio": "limit (same PK)",
-                }
-            )
-            rows.append(
-                {
-                    "step": "  baseline: pandas to_sql",
-                    "wall_s": r["to_sql_s"],
-                    "rows": n,
-                    "rows_per_s": n / r["to_sql_s"],
-                    "peak_rss_mb": None,
-                    "ratio": "baseline (same PK)",
-                }
-            )
-        if name == "publish_sqlite":
+            rows.append(_row("  ↳ publish without output suite", r["publish_no_suite_s"], n,
+                             f"{r['ratio_no_suite_vs_raw_copy']:.2f} of raw COPY" if limits else ""))
+            rows.append(_row("  ↳ load only (start_batch + load_rows)", r["load_only_s"], n,
+                             f"{r['ratio_load_vs_raw_copy']:.2f} of raw COPY" if limits else ""))
+        if limits:
             n = r["rows"]
-            rows.append(
-                {
-                    "step": "  ↳ publish without output suite",
-                    "wall_s": r["publish_no_suite_s"],
-                    "rows": n,
-                    "rows_per_s": n / r["publish_no_suite_s"],
-                    "peak_rss_mb": None,
-                    "ratio": "",
-                }
-            )
-            rows.append(
-                {
-                    "step": "  ↳ load only (start_batch + load_rows)",
-                    "wall_s": r["load_only_s"],
-                    "rows": n,
-                    "rows_per_s": n / r["load_only_s"],
-                    "peak_rss_mb": None,
-                    "ratio": "",
-                }
-            )
+            rows.append(_row("  limit: raw COPY (pyarrow CSV)", r["raw_copy_s"], n, "limit (same PK)"))
+            rows.append(_row("  baseline: pandas to_sql", r["to_sql_s"], n, "baseline (same PK)"))
     return rows
 
 
