@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +75,7 @@ CATEGORY_AFFINITY_SD = 0.1
 # Per-visit adoption probability of a never-bought category = sigmoid(ADOPT_BASE + ADOPT_SLOPE · affinity).
 ADOPT_BASE = -5.5
 ADOPT_SLOPE = 0.5
+REPEAT_SLOPE = 0.7  # per-visit repeat of an owned category = sigmoid(-1.5 + REPEAT_SLOPE · affinity)
 _NEVER = np.int16(32767)
 _LONG_AGO = np.int16(-30000)
 _WEEKDAY = np.array([0.9, 0.9, 0.95, 1.0, 1.1, 1.25, 0.9], dtype=np.float32)  # Monday first
@@ -91,6 +92,41 @@ class Simulation:
     product_tier: pd.Series  # generating tier per product_id (the pipeline derives it from prices)
     cutoff: dt.date
     seconds: float
+    # Per (customer, offer type) of ``external_offers``: P(convert in the window) without / with exposure.
+    external_truth: pd.DataFrame | None = None
+
+
+@dataclass(frozen=True)
+class BehaviourShift:
+    """A change of behaviour from ``start`` on, for drift tests: what a model trained before it has not seen.
+
+    ``price_factor``: category or family -> factor on list price and unit cost (margins kept).
+    ``affinity_delta``: category or family -> change of the latent affinity (repeat and adoption
+    probabilities move on the logit scale by the same slopes the population uses).
+    """
+
+    start: dt.date
+    price_factor: dict[str, float] = field(default_factory=dict)
+    affinity_delta: dict[str, float] = field(default_factory=dict)
+
+
+def default_shift(start: dt.date) -> BehaviourShift:
+    """A plausible shock: 40% dearer drinks and household goods, pet and baby demand trading places."""
+    return BehaviourShift(start, price_factor={"Hot drinks": 1.4, "Home": 1.4, "Personal care": 1.25},
+                          affinity_delta={"Pets": 2.0, "Baby": -2.0, "Baking": 1.0})
+
+
+def _resolve_categories(spec: dict[str, float]) -> dict[int, float]:
+    """Category index -> value for a mapping keyed by category or family names (category wins)."""
+    out: dict[int, float] = {}
+    for name, value in spec.items():
+        if name in FAMILIES:
+            out.update({CATEGORIES.index(c): value for c in FAMILIES[name] if CATEGORIES.index(c) not in out})
+        elif name in CATEGORIES:
+            out[CATEGORIES.index(name)] = value
+        else:
+            raise ValueError(f"unknown category or family {name!r}")
+    return out
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -218,7 +254,7 @@ def _population(rng: np.random.Generator, n: int, days: int) -> dict[str, np.nda
     cat_pop = rng.normal(0.0, 0.5, n_cat).astype(np.float32)
     aff = (rng.normal(0.0, FAMILY_AFFINITY_SD, (n, n_fam)).astype(np.float32)[:, fam_idx]
            + rng.normal(0.0, CATEGORY_AFFINITY_SD, (n, n_cat)).astype(np.float32) + cat_pop)
-    repeat = _sigmoid(-1.5 + 0.7 * aff).astype(np.float32)
+    repeat = _sigmoid(-1.5 + REPEAT_SLOPE * aff).astype(np.float32)
     adopt = _sigmoid(np.float32(ADOPT_BASE) + np.float32(ADOPT_SLOPE) * aff).astype(np.float32)
     # Starting habits: 1-3 categories, chosen by affinity (Gumbel top-k).
     k = 1 + rng.binomial(2, 0.5, n)
@@ -286,7 +322,9 @@ def _consents(rng: np.random.Generator, signup: np.ndarray, days: int) -> dict[s
 # ---------------------------------------------------------------------------- the process
 
 class _Shop:
-    def __init__(self, customers: int, days: int, seed: int, start: dt.date, horizon_days: int):
+    def __init__(self, customers: int, days: int, seed: int, start: dt.date, horizon_days: int,
+                 external_offers: pd.DataFrame | None = None, external_uplift: dict[str, float] | None = None,
+                 shift: BehaviourShift | None = None):
         if customers < 1 or days < 2 * horizon_days or horizon_days < 1:
             raise ValueError(f"need customers >= 1 and days >= 2 * horizon_days; got {customers}, {days}, "
                              f"{horizon_days}")
@@ -311,14 +349,30 @@ class _Shop:
         self.resp_hazard = np.array(  # daily hazard whose 28-day total is the uplift
             [1 - (1 - TRUE_UPLIFT[k]) ** (1 / OFFER_EFFECT_DAYS) for k in OFFER_TYPES], dtype=np.float32)
         self.ground_truth: pd.DataFrame | None = None
+        # Offers from outside (a CRM batch): their own RNG, so the shop's own draws stay the same.
+        self.ext = None if external_offers is None else self._external(external_offers)
+        uplift = TRUE_UPLIFT if external_uplift is None else {**TRUE_UPLIFT, **external_uplift}
+        if not all(0.0 <= uplift[k] < 1.0 for k in OFFER_TYPES):
+            raise ValueError(f"uplift must be in [0, 1) per offer type, got {uplift}")
+        self.ext_hazard = np.array([1 - (1 - uplift[k]) ** (1 / OFFER_EFFECT_DAYS) for k in OFFER_TYPES],
+                                   dtype=np.float32)
+        self.ext_rng = np.random.default_rng([seed, 0x0FFE])
+        self.ext_sent: list[dict[str, np.ndarray]] = []
+        self.ext_truth: list[pd.DataFrame] = []
+        self.shift = shift
+        self.shift_day = None if shift is None else (pd.Timestamp(shift.start).date() - start).days
 
     # --- one day
     def run(self) -> None:
         for day in range(self.days):
+            if day == self.shift_day:
+                self._apply_shift()
             if day == self.cutoff_day:
                 with step("simulate: ground truth at the cutoff") as info:
                     self.ground_truth = self._oracle()
                     info["detail"] = f"{len(self.ground_truth):,} rows"
+            if self.ext is not None and (self.ext["day"] == day).any():
+                self._send_external(day)
             self._day(day)
 
     def _signups(self, day: int) -> np.ndarray:
@@ -351,11 +405,14 @@ class _Shop:
         theta = _tier_theta(pop, who, day, state[who])[rows, cats]
         self._emit(day, who, rows, cats, theta, free_samples=True)
         self._respond(day, state)
+        if self.ext_sent:
+            self._respond_external(day, state)
 
     def _emit(self, day: int, who: np.ndarray, rows: np.ndarray, cats: np.ndarray, theta: np.ndarray,
-              free_samples: bool, product: np.ndarray | None = None) -> None:
-        """Orders for customers ``who`` with one line per (row, category); adoption recorded."""
-        rng, pop, n_new = self.rng, self.pop, len(who)
+              free_samples: bool, product: np.ndarray | None = None,
+              rng: np.random.Generator | None = None, adopt: bool = True) -> None:
+        """Orders for customers ``who`` with one line per (row, category); adoption recorded if ``adopt``."""
+        rng, pop, n_new = rng or self.rng, self.pop, len(who)
         if n_new == 0:
             return
         chan = np.where(rng.random(n_new) < 0.8, pop["channel"][who],
@@ -382,6 +439,8 @@ class _Shop:
             self.lines.append((order_idx[s], other.astype(np.int16), np.ones(len(s), np.int8),
                                np.zeros(len(s), np.int32)))
         self.n_orders += n_new
+        if not adopt:
+            return
         fd = pop["first_day"]
         cust = who[rows]
         fd[cust, cats] = np.minimum(fd[cust, cats], day)
@@ -429,6 +488,145 @@ class _Shop:
                             "type": want.astype(np.int8), "channel": ch_score.argmax(axis=1).astype(np.int8),
                             "day": np.full(len(target), day, np.int16),
                             "sec": rng.integers(8 * 3600, 18 * 3600, len(target)).astype(np.int32)})
+
+    # --- offers from outside (a CRM batch) and a behaviour shift
+    def _external(self, offers: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Offer rows -> index arrays; control rows are kept (for the truth) but never sent."""
+        need = {"customer_id", "product_id", "offer_type", "channel", "valid_from"}
+        if missing := need - set(offers.columns):
+            raise ValueError(f"external_offers lacks columns {sorted(missing)}")
+        cust_ids = pd.Index(_str_series(_ids("C", np.arange(self.n), self._id_width())), dtype="str")
+        prod_ids = pd.Index([f"P{i:05d}" for i in range(int(self.cat["n"]))], dtype="str")
+        cust = cust_ids.get_indexer(offers["customer_id"].astype(str))
+        prod = prod_ids.get_indexer(offers["product_id"].astype(str))
+        kind = pd.Index(list(OFFER_TYPES)).get_indexer(offers["offer_type"].astype(str))
+        chan = pd.Index(list(CONTACT_CHANNELS)).get_indexer(offers["channel"].astype(str))
+        if (cust < 0).any() or (prod < 0).any() or (kind < 0).any() or (chan < 0).any():
+            raise ValueError("external_offers name customers, products, offer types or channels the shop "
+                             "does not have")
+        ts = pd.to_datetime(offers["valid_from"], utc=True).dt.tz_convert(None).dt.normalize()
+        day = ((ts - pd.Timestamp(self.start)).dt.days).to_numpy(np.int64)
+        if len(day) and (day.min() < 1 or day.max() + self.h > self.days):
+            raise ValueError(f"external offers must start within day 1..{self.days - self.h} of the shop "
+                             "(their outcome window has to fit)")
+        control = (offers["is_control"].astype(bool).to_numpy() if "is_control" in offers.columns
+                   else np.zeros(len(offers), bool))
+        return {"customer": cust.astype(np.int32), "product": prod.astype(np.int16),
+                "category": self.cat["category"][prod].astype(np.int8), "tier": self.cat["tier"][prod],
+                "type": kind.astype(np.int8), "channel": chan.astype(np.int8), "day": day.astype(np.int16),
+                "control": control}
+
+    def _send_external(self, day: int) -> None:
+        """Truth for the offers starting today (before anything happens today), then send the treated ones."""
+        e = self.ext
+        assert e is not None
+        sel = np.flatnonzero(e["day"] == day)
+        rows = {k: v[sel] for k, v in e.items()}
+        rows["hazard"] = self.ext_hazard[rows["type"]]
+        self.ext_truth.append(self._conversion_truth(day, rows))
+        sent = ~rows["control"]
+        out = {k: rows[k][sent] for k in ("customer", "category", "tier", "type", "product", "channel", "day",
+                                          "hazard")}
+        out["sec"] = self.ext_rng.integers(8 * 3600, 18 * 3600, int(sent.sum())).astype(np.int32)
+        self.ext_sent.append(out)
+
+    def _respond_external(self, day: int, state: np.ndarray) -> None:
+        """Responses add orders but no habit (``adopt=False``): the shop's own process, its random draws
+        and so every other table stay exactly those of the run without the offers. Within the outcome
+        window that changes nothing (a converted customer has converted; sibling ownership acts only
+        after ``OWNERSHIP_LAG_DAYS`` >= H); what is left out is a carry-over effect after it."""
+        live = [o for o in self.ext_sent if len(o["day"]) and day - OFFER_EFFECT_DAYS <= o["day"][0] < day]
+        if not live:
+            return
+        off = {k: np.concatenate([o[k] for o in live]) for k in ("customer", "category", "product", "hazard")}
+        hit = (self.ext_rng.random(len(off["customer"]), dtype=np.float32) < off["hazard"]) \
+            & (state[off["customer"]] != CHURNED)
+        who = off["customer"][hit]
+        self._emit(day, who, np.arange(len(who)), off["category"][hit].astype(np.int64), np.zeros(len(who)),
+                   free_samples=False, product=off["product"][hit], rng=self.ext_rng, adopt=False)
+
+    def _apply_shift(self) -> None:
+        shift, pop, cat = self.shift, self.pop, self.cat
+        assert shift is not None
+        for c, f in _resolve_categories(shift.price_factor).items():
+            m = cat["category"] == c
+            cat["price"][m] = np.round(cat["price"][m] * f, 2)
+            cat["unit_cost"][m] = np.round(cat["unit_cost"][m] * f, 2)
+        for c, d in _resolve_categories(shift.affinity_delta).items():
+            for key, slope in (("repeat", REPEAT_SLOPE), ("adopt", ADOPT_SLOPE)):
+                x = pop[key][:, c].astype(np.float64)
+                pop[key][:, c] = _sigmoid(np.log(x) - np.log1p(-x) + slope * d).astype(np.float32)
+
+    def _conversion_truth(self, day: int, x: dict[str, np.ndarray]) -> pd.DataFrame:
+        """Exact P(customer buys in any category offered to them of one type, in [day, day + H)), without
+        (``p_control``) and with (``p_treated``) exposure to all of the customer's offers in ``x``.
+
+        The unit and the event are the monitor's: a customer converts in an offer-type group when they buy
+        in any of the group's offered categories within the window. A visit buys each category
+        independently, so per visit P(none of the set) = Π(1 − p_c); the churn chain is integrated like in
+        ``_oracle_chunk``. Offers already sent (the shop's campaigns, earlier external ones) act on both.
+        Exact when no campaign starts inside the window (the shop's own stop at the cutoff).
+        """
+        pop, H, n_cat, E = self.pop, self.h, len(CATEGORIES), OFFER_EFFECT_DAYS
+        groups = pd.DataFrame({"customer": x["customer"], "type": x["type"]}).drop_duplicates()
+        groups = groups.sort_values(["customer", "type"]).reset_index(drop=True)
+        G = len(groups)
+        gc = groups["customer"].to_numpy(np.int64)
+        key = pd.Index(gc * 3 + groups["type"].to_numpy(np.int64))
+        gi = key.get_indexer(x["customer"].astype(np.int64) * 3 + x["type"])
+        mask = np.zeros((G, n_cat), bool)
+        mask[gi, x["category"].astype(np.int64)] = True
+
+        def pairs(cust: np.ndarray, cat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """(group, offer) for every offer of a group's customer in one of the group's categories."""
+            m = pd.DataFrame({"customer": cust.astype(np.int64), "o": np.arange(len(cust))}).merge(
+                pd.DataFrame({"customer": gc, "g": np.arange(G)}), on="customer")
+            g, o = m["g"].to_numpy(), m["o"].to_numpy()
+            keep = mask[g, cat.astype(np.int64)[o]]
+            return g[keep], o[keep]
+
+        bg = self._offers_frame()
+        bg_g, bg_o = pairs(bg["customer"], bg["category"])
+        bg_day, bg_keep = bg["day"][bg_o].astype(np.int64), 1.0 - bg["hazard"][bg_o].astype(np.float64)
+        x_g, x_o = pairs(x["customer"], x["category"])
+        x_day, x_keep = x["day"][x_o].astype(np.int64), 1.0 - x["hazard"][x_o].astype(np.float64)
+
+        W = np.zeros((2, N_STATES, G))  # [without, with] × state: P(state s on day t, no conversion yet)
+        W[:, pop["state"][gc], np.arange(G)] = 1.0
+        signup = pop["signup"][gc]
+        repeat, adopt, fd, lam = pop["repeat"][gc], pop["adopt"][gc], pop["first_day"][gc], pop["lam"][gc]
+        z1, z2 = float(DECLINE_EXIT[1]), float(DECLINE_EXIT[2])
+        for t in range(day, day + H):
+            joined = signup <= t  # before signing up a customer neither moves nor buys
+            eta = np.where(joined, pop["eta"][gc], 0.0)
+            for X in W:
+                X[3] += X[2] * z2 * joined
+                X[2] *= 1 - z2 * joined
+                X[2] += X[1] * z1 * joined
+                X[1] *= 1 - z1 * joined
+                X[1] += X[0] * eta
+                X[0] *= 1 - eta
+            p = _category_prob(repeat, adopt, fd, t, self.lag).astype(np.float64)
+            q = 1.0 - np.prod(np.where(mask, 1.0 - p, 1.0), axis=1)
+            bg_live = (bg_day < t) & (bg_day >= t - E)
+            x_live = (x_day < t) & (x_day >= t - E)
+            for s in range(CHURNED):
+                v = lam.astype(np.float64) * float(self.season[t] * ACTIVITY_MULT[s]) * joined
+                W[:, s] *= 1.0 - v * q
+                for k in range(2):
+                    np.multiply.at(W[k, s], bg_g[bg_live], bg_keep[bg_live])
+                np.multiply.at(W[1, s], x_g[x_live], x_keep[x_live])
+        p0, p1 = (np.clip(1.0 - W[k].sum(axis=0), 0.0, 1.0) for k in range(2))
+        control = pd.Series(x["control"]).groupby(gi).any().reindex(range(G), fill_value=False).to_numpy()
+        n_offers = np.bincount(gi, minlength=G)
+        ids = _ids("C", gc, self._id_width())
+        return pd.DataFrame({
+            "customer_id": _str_series(ids),
+            "offer_type": _categorical(groups["type"].to_numpy(), OFFER_TYPES),
+            "valid_from": pd.Timestamp(self.start + dt.timedelta(days=day)),
+            "is_control": control, "n_offers": n_offers.astype(np.int16),
+            "p_control": p0, "p_treated": p1,
+        })
 
     # --- ground truth
     def _usual_tier(self, upto_day: int) -> np.ndarray:
@@ -483,10 +681,16 @@ class _Shop:
         return gt
 
     def _offers_frame(self) -> dict[str, np.ndarray]:
+        """Every offer sent so far with its daily response hazard (the shop's own, then external ones)."""
+        keys = ("customer", "category", "tier", "type", "day")
         if not self.offers:
-            return {k: np.empty(0, np.int32) for k in ("customer", "category", "tier", "type", "day")}
-        return {k: np.concatenate([o[k] for o in self.offers]) for k in ("customer", "category", "tier",
-                                                                          "type", "day")}
+            out = {k: np.empty(0, np.int32) for k in keys}
+        else:
+            out = {k: np.concatenate([o[k] for o in self.offers]) for k in keys}
+        out["hazard"] = self.resp_hazard[out["type"]]
+        if self.ext_sent:
+            out = {k: np.concatenate([out[k], *[o[k] for o in self.ext_sent]]) for k in (*keys, "hazard")}
+        return out
 
     def _oracle_chunk(self, rows: np.ndarray, usual: np.ndarray, off: dict[str, np.ndarray]) -> dict:
         """Forward recursion over the churn chain: W[s] = P(state s on day t, no event yet).
@@ -520,7 +724,7 @@ class _Shop:
         mine = ((pos < m) & (rows[np.minimum(pos, m - 1)] == off["customer"])
                 & (off["day"] >= T - OFFER_EFFECT_DAYS))
         o_row, o_cat, o_day = pos[mine], off["category"][mine].astype(np.int64), off["day"][mine]
-        o_keep = 1.0 - self.resp_hazard[off["type"][mine]]
+        o_keep = 1.0 - off["hazard"][mine]
         o_pair = pair[o_row, o_cat]
         o_usual = usual[o_row, o_cat]
         o_tier = off["tier"][mine]
@@ -615,6 +819,9 @@ class _Shop:
             off = {k: np.concatenate([o[k] for o in self.offers]) for k in self.offers[0]}
         else:
             off = {k: np.empty(0, np.int32) for k in ("customer", "product", "type", "channel", "day", "sec")}
+        if self.ext_sent:  # after the shop's own campaigns: their offer ids stay the same
+            off = {k: np.concatenate([off[k], *[o[k] for o in self.ext_sent]])
+                   for k in ("customer", "product", "type", "channel", "day", "sec")}
         offer_history = pd.DataFrame({
             "offer_id": _str_series(_ids("F", np.arange(len(off["customer"])), 9)),
             "customer_id": _str_series(pc.take(cust_ids, pa.array(off["customer"]))),
@@ -641,19 +848,32 @@ class _Shop:
 
 
 def run_simulation(customers: int, days: int = 365, seed: int = 7, start: dt.date = dt.date(2025, 1, 1),
-                   horizon_days: int = 28) -> Simulation:
-    """The shop plus its hidden per-customer state (tests check behaviour against the latent truth)."""
+                   horizon_days: int = 28, *, external_offers: pd.DataFrame | None = None,
+                   external_uplift: dict[str, float] | None = None,
+                   shift: BehaviourShift | None = None) -> Simulation:
+    """The shop plus its hidden per-customer state (tests check behaviour against the latent truth).
+
+    ``external_offers`` (e.g. a CRM batch: customer_id, product_id, offer_type, channel, valid_from and
+    optionally is_control) are sent on their ``valid_from`` day to the non-control customers, recorded
+    in ``offer_history`` and answered like the shop's own offers, with ``external_uplift`` per type
+    (default ``TRUE_UPLIFT``; 0 for no effect). They draw from a separate random stream, so everything
+    before their first day is identical to a run without them (and with zero uplift, everything but
+    ``offer_history``). ``external_truth`` then holds, per (customer, offer type), the exact conversion
+    probability in the outcome window without and with exposure. ``shift`` changes prices and tastes
+    from its ``start`` on (the ground truth does not anticipate a shift that starts after the cutoff).
+    """
     if isinstance(start, dt.datetime):
         start = start.date()
     t0 = time.perf_counter()
-    shop = _Shop(customers, days, seed, start, horizon_days)
+    shop = _Shop(customers, days, seed, start, horizon_days, external_offers, external_uplift, shift)
     with step(f"simulate: {customers:,} customers × {days} days"):
         shop.run()
     with step("simulate: build tables"):
         tables = shop.tables()
     assert shop.ground_truth is not None
+    truth = pd.concat(shop.ext_truth, ignore_index=True) if shop.ext_truth else None
     return Simulation(tables, shop.ground_truth, shop.latent(), shop.product_tier(),
-                      start + dt.timedelta(days=shop.cutoff_day), time.perf_counter() - t0)
+                      start + dt.timedelta(days=shop.cutoff_day), time.perf_counter() - t0, truth)
 
 
 def simulate_shop(customers: int, days: int = 365, seed: int = 7, start: dt.date = dt.date(2025, 1, 1),
@@ -668,14 +888,19 @@ def simulate_shop(customers: int, days: int = 365, seed: int = 7, start: dt.date
 
 
 def simulate_to(out: str | Path, customers: int, days: int = 365, seed: int = 7,
-                start: dt.date = dt.date(2025, 1, 1), horizon_days: int = 28) -> str:
-    """Write ``<out>/<table>.parquet`` and ``<out>/ground_truth.parquet``; return a readable summary."""
+                start: dt.date = dt.date(2025, 1, 1), horizon_days: int = 28, *,
+                external_offers: pd.DataFrame | None = None, external_uplift: dict[str, float] | None = None,
+                shift: BehaviourShift | None = None) -> str:
+    """Write ``<out>/<table>.parquet`` and ``<out>/ground_truth.parquet`` (``external_truth.parquet`` with
+    external offers); return a readable summary. Options as in ``run_simulation``."""
     t0 = time.perf_counter()
-    sim = run_simulation(customers, days, seed, start, horizon_days)
+    sim = run_simulation(customers, days, seed, start, horizon_days, external_offers=external_offers,
+                         external_uplift=external_uplift, shift=shift)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    extra = {} if sim.external_truth is None else {"external_truth": sim.external_truth}
     with step("simulate: write parquet"):
-        for name, df in {**sim.tables, "ground_truth": sim.ground_truth}.items():
+        for name, df in {**sim.tables, "ground_truth": sim.ground_truth, **extra}.items():
             df.to_parquet(out / f"{name}.parquet", index=False)
     seconds = time.perf_counter() - t0
     t = sim.tables
