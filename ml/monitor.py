@@ -78,6 +78,12 @@ class MonitorConfig:
     ks_alert: float = 0.20
     min_rows: int = 100  # fewer current rows than this: drift is not judged ("n/a")
     min_alert_features: int = 3  # retrain when at least this many features of one type are in alert
+    # Reported but not counted by the retrain rule, because they drift without any change in behaviour:
+    # days_since_first_order is a clock for every customer whose history starts with the data (it rises
+    # by one a day: tenure_days, from the signup date, is the behavioural one); cat_buyers_share_90d is a
+    # per-category aggregate with one value per category, so a hair's move across a decile edge shifts
+    # a whole category's rows (PSI > 1 on an unchanged shop).
+    retrain_exempt: tuple[str, ...] = ("days_since_first_order", "cat_buyers_share_90d")
     retrain_on_score_alert: bool = True  # ... or when the score distribution itself is in alert
     horizon_days: int = MODEL.horizon_days
     confidence: float = 0.95
@@ -568,12 +574,15 @@ def uplift_decay(table: pd.DataFrame, cfg: MonitorConfig | None = None) -> list[
 
 
 def drift_retrain_reasons(table: pd.DataFrame, cfg: MonitorConfig | None = None) -> list[str]:
+    """Reasons to retrain from drift: per offer type, ``min_alert_features`` features in alert (those in
+    ``retrain_exempt`` not counted: they drift by construction), or the score itself in alert."""
     cfg = cfg or MonitorConfig()
     if table is None or not len(table):
         return []
     reasons = []
     for offer_type, g in table.groupby("offer_type", sort=True):
-        feats = g[(g["kind"] != "score") & (g["status"] == "alert")].sort_values("psi", ascending=False)
+        feats = g[(g["kind"] != "score") & (g["status"] == "alert") & ~g["feature"].isin(cfg.retrain_exempt)]
+        feats = feats.sort_values("psi", ascending=False)
         score = g[(g["kind"] == "score") & (g["status"] == "alert")]
         if len(feats) >= cfg.min_alert_features:
             names = ", ".join(f"{r.feature} PSI {r.psi:.2f}" for r in feats.head(5).itertuples())
