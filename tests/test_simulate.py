@@ -250,3 +250,125 @@ def test_written_shop_round_trips_through_the_contract(tmp_path):
     gt = pd.read_parquet(tmp_path / "shop" / "ground_truth.parquet")
     pd.testing.assert_frame_equal(gt, truth)
     assert "ground truth" in summary.lower() and "peak RSS" in summary and "cutoff 2025-04-03" in summary
+
+
+# ------------------------------------------------------------------ offers from outside, behaviour shift
+def _hash(df: pd.DataFrame) -> str:
+    import hashlib
+
+    return hashlib.sha256(pd.util.hash_pandas_object(df, index=True).to_numpy().tobytes()
+                          + str(list(df.dtypes)).encode() + str(list(df.columns)).encode()).hexdigest()[:16]
+
+
+def test_default_output_is_unchanged_by_the_options():
+    """The model-quality test's thin oracle margin rests on this exact shop: hashes from before the
+    external-offer and shift options existed (1,500 customers, 150 days, seed 3, horizon 21)."""
+    sim = run_simulation(1500, days=150, seed=3, horizon_days=21)
+    got = {k: _hash(v) for k, v in sim.tables.items()}
+    got["ground_truth"] = _hash(sim.ground_truth)
+    assert got == {"customers": "258cb1a5f3e6ad49", "products": "a9b589e88e0baa34",
+                   "orders": "183cd5107dba95a2", "order_lines": "5bd37e49f1f8f86e",
+                   "consents": "516b65e96cc08401", "offer_history": "efb6f16f454ee0e1",
+                   "ground_truth": "a2ee99d41f6877aa"}
+    assert sim.external_truth is None
+
+
+def _external(base: simulate.Simulation, n: int, seed: int, control_share: float = 0.5) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    customers = base.tables["customers"]["customer_id"].astype(str)
+    products = base.tables["products"]["product_id"].astype(str)
+    return pd.DataFrame({"customer_id": rng.choice(customers, n, replace=False),
+                         "product_id": rng.choice(products, n),
+                         "offer_type": rng.choice(list(OFFER_TYPES), n), "channel": "email",
+                         "valid_from": pd.Timestamp(base.cutoff),
+                         "is_control": rng.random(n) < control_share})
+
+
+def test_external_offers_leave_the_past_alone_and_only_add_answers():
+    base = run_simulation(2000, days=120, seed=4)
+    offers = _external(base, 1500, seed=1)
+    with_offers = run_simulation(2000, days=120, seed=4, external_offers=offers)
+    zero = run_simulation(2000, days=120, seed=4, external_offers=offers, external_uplift=dict.fromkeys(
+        OFFER_TYPES, 0.0))
+    d = pd.Timestamp(base.cutoff)
+    for sim in (with_offers, zero):
+        for name in ("customers", "products", "consents"):
+            pd.testing.assert_frame_equal(base.tables[name], sim.tables[name])
+        o = sim.tables["orders"]
+        pd.testing.assert_frame_equal(base.tables["orders"].query("order_ts < @d"), o[o["order_ts"] < d])
+        pd.testing.assert_frame_equal(base.ground_truth, sim.ground_truth)
+        hist = sim.tables["offer_history"]
+        sent = hist[hist["sent_at"] >= d]  # the shop's own campaigns stopped at the cutoff
+        assert len(sent) == int((~offers["is_control"]).sum())
+        assert set(sent["customer_id"]) == set(offers.loc[~offers["is_control"], "customer_id"])
+        assert (sent["sent_at"].dt.normalize() == d).all()
+    # zero uplift: the very same orders; with uplift: the same plus answers (the offered products, after D)
+    pd.testing.assert_frame_equal(base.tables["orders"], zero.tables["orders"])
+    extra = with_offers.tables["orders"].merge(base.tables["orders"], how="left", indicator=True,
+                                               on=["customer_id", "order_ts", "channel"])
+    extra = extra[extra["_merge"] == "left_only"]
+    assert len(extra) > 0 and (extra["order_ts"] > d).all()
+    assert set(extra["customer_id"]) <= set(offers.loc[~offers["is_control"], "customer_id"])
+    truth = with_offers.external_truth
+    assert len(truth) == len(offers.drop_duplicates(["customer_id", "offer_type"]))
+    assert (truth["p_treated"] >= truth["p_control"] - 1e-12).all()
+    assert (zero.external_truth["p_treated"] == zero.external_truth["p_control"]).all()
+
+
+def test_external_truth_is_the_realised_conversion_in_expectation():
+    """Everyone offered at D: the realised share converting in the offered category within [D, D + H)
+    matches the oracle's mean probability, treated (with exposure) and control (without)."""
+    n = 12_000
+    base = run_simulation(n, days=120, seed=9)
+    offers = _external(base, n, seed=2)
+    sim = run_simulation(n, days=120, seed=9, external_offers=offers)
+    t = sim.tables
+    lines = t["order_lines"].astype({"product_id": "string"}).merge(t["orders"], on="order_id").merge(
+        t["products"][["product_id", "category"]].astype({"product_id": "string"}), on="product_id")
+    d = pd.Timestamp(base.cutoff)
+    window = lines[(lines["order_ts"] >= d) & (lines["order_ts"] < d + pd.Timedelta(days=28))]
+    bought = set(zip(window["customer_id"].astype(str), window["category"].astype(str), strict=True))
+    o = offers.merge(t["products"][["product_id", "category"]].astype(str), on="product_id")
+    o["converted"] = [(c, k) in bought for c, k in zip(o["customer_id"], o["category"], strict=True)]
+    m = o.merge(sim.external_truth.astype({"customer_id": str, "offer_type": str}),
+                on=["customer_id", "offer_type"], suffixes=("", "_truth"))
+    assert len(m) == n
+    for control, g in m.groupby("is_control"):
+        p = g["p_control"] if control else g["p_treated"]
+        se = float(np.sqrt((p * (1 - p)).sum()) / len(g))
+        assert abs(g["converted"].mean() - p.mean()) < 4 * se, (control, g["converted"].mean(), p.mean(), se)
+    treated = m[~m["is_control"]]
+    effect = (treated["p_treated"] - treated["p_control"]).groupby(treated["offer_type"]).mean()
+    # u·(1 − p0) per type, a little less (28 − 1 answer days in the window, churn)
+    for k, u in simulate.TRUE_UPLIFT.items():
+        assert 0.5 * u < effect[k] < u, (k, effect[k])
+
+
+def test_a_behaviour_shift_changes_prices_and_tastes_from_its_start_only():
+    start = dt.date(2025, 1, 1)
+    base = run_simulation(3000, days=150, seed=5, start=start)
+    when = start + dt.timedelta(days=90)
+    shift = simulate.BehaviourShift(when, price_factor={"Coffee": 1.5},
+                                    affinity_delta={"Pets": 2.5, "Baby": -2.5})
+    shifted = run_simulation(3000, days=150, seed=5, start=start, shift=shift)
+    t0 = pd.Timestamp(when)
+    pd.testing.assert_frame_equal(base.tables["orders"].query("order_ts < @t0"),
+                                  shifted.tables["orders"].query("order_ts < @t0"))
+
+    def lines(sim):
+        t = sim.tables
+        x = t["order_lines"].merge(t["orders"], on="order_id").astype({"product_id": "string"})
+        return x.merge(t["products"][["product_id", "category"]].astype({"product_id": "string"}),
+                       on="product_id")
+
+    a, b = lines(base), lines(shifted)
+    coffee = b[(b["category"] == "Coffee") & (b["unit_price"] > 0)]
+    ref = a[(a["category"] == "Coffee") & (a["unit_price"] > 0)]
+    assert coffee[coffee["order_ts"] >= t0]["unit_price"].median() > 1.3 * ref["unit_price"].median()
+    after_a, after_b = a[a["order_ts"] >= t0], b[b["order_ts"] >= t0]
+    family = after_b["category"].astype(str).map(FAMILY_OF_CATEGORY)
+    family_a = after_a["category"].astype(str).map(FAMILY_OF_CATEGORY)
+    assert (family == "Pets").mean() > 1.3 * (family_a == "Pets").mean()
+    assert (family == "Baby").mean() < 0.8 * (family_a == "Baby").mean()
+    with pytest.raises(ValueError, match="unknown category"):
+        run_simulation(100, days=60, seed=1, shift=simulate.BehaviourShift(start, {"Beer": 2.0}))
