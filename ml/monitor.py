@@ -78,12 +78,13 @@ class MonitorConfig:
     ks_alert: float = 0.20
     min_rows: int = 100  # fewer current rows than this: drift is not judged ("n/a")
     min_alert_features: int = 3  # retrain when at least this many features of one type are in alert
-    # Reported but not counted by the retrain rule, because they drift without any change in behaviour:
-    # days_since_first_order is a clock for every customer whose history starts with the data (it rises
-    # by one a day: tenure_days, from the signup date, is the behavioural one); cat_buyers_share_90d is a
-    # per-category aggregate with one value per category, so a hair's move across a decile edge shifts
-    # a whole category's rows (PSI > 1 on an unchanged shop).
-    retrain_exempt: tuple[str, ...] = ("days_since_first_order", "cat_buyers_share_90d")
+    # In the drift table with their own status, but counted neither in the overall status nor by the
+    # retrain rule, because they drift without any change in behaviour: days_since_first_order is a
+    # clock for every customer whose history starts with the data (it rises by one a day; tenure_days,
+    # from the signup date, is the behavioural one); cat_buyers_share_90d is a per-category aggregate,
+    # one value per category, so a hair's move across a decile edge shifts a whole category's rows
+    # (PSI > 1 on an unchanged simulated shop).
+    exempt_features: tuple[str, ...] = ("days_since_first_order", "cat_buyers_share_90d")
     retrain_on_score_alert: bool = True  # ... or when the score distribution itself is in alert
     horizon_days: int = MODEL.horizon_days
     confidence: float = 0.95
@@ -181,10 +182,14 @@ def _categorical_row(ref: dict, values: pd.Series) -> dict:
             "top_bin": labels[int(np.argmax(contrib))]}
 
 
-def _status(psi_value: float, ks_value: float, n_cur: int, cfg: MonitorConfig) -> str:
+def _status(psi_value: float, ks_value: float, n_cur: int, cfg: MonitorConfig,
+            n_values: float | None = None) -> str:
+    """ok/warn/alert from PSI and KS; KS counts only with ``min_rows`` non-missing current values (a
+    feature that is 99% missing has a KS of a few dozen values: noise, while PSI sees the missing share)."""
     if n_cur < cfg.min_rows or math.isnan(psi_value):
         return "n/a"
-    ks_value = 0.0 if math.isnan(ks_value) else ks_value
+    ks_value = 0.0 if math.isnan(ks_value) or (n_values is not None and n_values < cfg.min_rows) \
+        else ks_value
     if psi_value >= cfg.psi_alert or ks_value >= cfg.ks_alert:
         return "alert"
     if psi_value >= cfg.psi_warn or ks_value >= cfg.ks_warn:
@@ -226,8 +231,9 @@ def feature_drift(model, current: pd.DataFrame, cfg: MonitorConfig | None = None
     table = pd.DataFrame(rows)
     table["offer_type"] = getattr(model, "offer_type", "") or ""
     table["n_ref"] = int(ref.get("n_rows", 0))
-    table["status"] = [_status(p, k, n, cfg) for p, k, n in zip(table["psi"], table["ks"], table["n_cur"],
-                                                                   strict=True)]
+    n_values = table["n_cur"] * (1 - table["missing_cur"].fillna(0.0))
+    cols = zip(table["psi"], table["ks"], table["n_cur"], n_values, strict=True)
+    table["status"] = [_status(p, k, n, cfg, v) for p, k, n, v in cols]
     return table[DRIFT_COLUMNS]
 
 
@@ -241,11 +247,13 @@ def _reason(row) -> str:
     return text
 
 
-def drift_status(table: pd.DataFrame) -> tuple[str, list[str]]:
-    """Overall ok/warn/alert (the worst row) and readable reasons, worst first.
+def drift_status(table: pd.DataFrame, exempt: tuple[str, ...] | list[str] = ()) -> tuple[str, list[str]]:
+    """Overall ok/warn/alert (the worst row not in ``exempt``) and readable reasons, worst first.
 
     A reason reads like ``upsell/cat_orders_90d PSI 0.31 KS 0.22 (most in > 4) [alert]``.
     """
+    if table is not None and len(exempt):
+        table = table[~table["feature"].isin(list(exempt))]
     if table is None or not len(table):
         return "ok", []
     t = table.assign(_rank=table["status"].map(STATUS_ORDER).fillna(-1))
@@ -575,13 +583,13 @@ def uplift_decay(table: pd.DataFrame, cfg: MonitorConfig | None = None) -> list[
 
 def drift_retrain_reasons(table: pd.DataFrame, cfg: MonitorConfig | None = None) -> list[str]:
     """Reasons to retrain from drift: per offer type, ``min_alert_features`` features in alert (those in
-    ``retrain_exempt`` not counted: they drift by construction), or the score itself in alert."""
+    ``exempt_features`` not counted: they drift by construction), or the score itself in alert."""
     cfg = cfg or MonitorConfig()
     if table is None or not len(table):
         return []
     reasons = []
     for offer_type, g in table.groupby("offer_type", sort=True):
-        feats = g[(g["kind"] != "score") & (g["status"] == "alert") & ~g["feature"].isin(cfg.retrain_exempt)]
+        feats = g[(g["kind"] != "score") & (g["status"] == "alert") & ~g["feature"].isin(cfg.exempt_features)]
         feats = feats.sort_values("psi", ascending=False)
         score = g[(g["kind"] == "score") & (g["status"] == "alert")]
         if len(feats) >= cfg.min_alert_features:
@@ -818,11 +826,11 @@ def monitor(source: str, as_of: dt.date, crm_url: str | None = None, cfg: Monito
                     continue
                 table = feature_drift(model, examples, cfg)
                 tables.append(table)
-                status, _ = drift_status(table)
+                status, _ = drift_status(table, cfg.exempt_features)
                 info["detail"] = f"{len(examples):,} rows, {status}"
             del examples
     drift = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=DRIFT_COLUMNS)
-    status, reasons = drift_status(drift)
+    status, reasons = drift_status(drift, cfg.exempt_features)
 
     url = crm_url or config.crm_url()
     with step("outcomes of closed batches") as info:

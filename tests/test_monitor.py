@@ -17,6 +17,7 @@ from ml import crm
 from ml.model import drift_reference
 from ml.monitor import (
     MonitorConfig,
+    drift_retrain_reasons,
     drift_status,
     feature_drift,
     outcomes,
@@ -107,6 +108,35 @@ def test_too_few_rows_are_not_judged_and_a_finer_reference_grid_is_used():
     fine = feature_drift(model, frame(20_000, seed=2, shift=1.0)).set_index("feature")
     assert fine.loc["x", "ks_points"] == 101
     assert abs(fine.loc["x", "ks"] - 0.383) < 0.02
+
+
+def test_ks_of_a_mostly_missing_feature_is_not_judged_but_its_psi_is():
+    """A few dozen non-missing values give a noisy KS; the missing share is PSI's (and still judged)."""
+    train = frame(20_000, seed=1, missing=0.99)
+    model = fake_model(train)
+    cur = frame(20_000, seed=2, missing=0.99, shift=0.5)  # ~200 values, shifted: a real KS of 0.2
+    cfg = MonitorConfig(min_rows=1_000)
+    t = feature_drift(model, cur, cfg).set_index("feature")
+    assert t.loc["x", "ks"] > cfg.ks_alert and t.loc["x", "psi"] < cfg.psi_warn
+    assert t.loc["x", "status"] == "ok"
+    assert feature_drift(model, cur, MonitorConfig(min_rows=100)).set_index("feature").loc["x", "status"] \
+        == "alert"  # enough values: KS counts
+
+
+def test_exempt_features_are_reported_but_raise_neither_status_nor_retraining():
+    t = pd.DataFrame({"offer_type": "upsell", "kind": "numeric",
+                      "feature": ["days_since_first_order", "cat_buyers_share_90d", "a", "b"],
+                      "psi": [2.4, 1.6, 0.3, 0.02], "ks": [0.6, 0.2, 0.1, 0.0], "top_bin": "",
+                      "status": ["alert", "alert", "alert", "ok"]})
+    cfg = MonitorConfig()
+    assert drift_status(t, cfg.exempt_features)[0] == "alert"  # "a" is still an alert
+    assert drift_status(t.iloc[[0, 1, 3]], cfg.exempt_features) == ("ok", [])
+    assert drift_status(t.iloc[[0, 1, 3]])[0] == "alert"  # without the exemption they would count
+    assert drift_retrain_reasons(t, cfg) == []  # 1 counted alert < min_alert_features
+    three = pd.concat([t, t.iloc[[2]].assign(feature="c"), t.iloc[[2]].assign(feature="d")])
+    [why] = drift_retrain_reasons(three, cfg)
+    assert "3 features" in why and "days_since_first_order" not in why
+    assert drift_retrain_reasons(t, MonitorConfig(exempt_features=())) != []
 
 
 def test_drift_status_escalates():
