@@ -10,7 +10,9 @@ Drift
     gap between the training and current CDFs at the stored edges — exact at those points, so a lower
     bound of the true KS with ~10 points of resolution (``ks_points`` says how many). If the reference
     carries a finer grid (``quantiles`` + ``cdf``: the CDF of the training values at ~100 quantiles, see
-    ``ks_statistic``) it is used instead.
+    ``ks_statistic``) it is used instead. KS is judged only with ``min_rows`` non-missing values.
+    ``MonitorConfig.exempt_features`` stay in the table but raise neither the overall status nor
+    retraining (they drift by construction, see there).
 
 Outcomes
     For each ``published``/``superseded`` batch whose window [T, T + H) has closed by the evaluation

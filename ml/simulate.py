@@ -15,6 +15,12 @@ The shop is a daily process, vectorised over customers (the Python loop runs ove
   following ``OFFER_EFFECT_DAYS`` days the customer buys the offered product with probability
   ``TRUE_UPLIFT[k]`` (while not churned), so P(buy category) = p0 + u·(1 − p0).
 
+- Offers from outside (``external_offers``, e.g. a batch offerflow published) are sent on their
+  ``valid_from`` day to the non-control customers and answered the same way, from a separate random
+  stream and without creating a habit, so the shop before that day (and, with zero uplift, every
+  order) is identical to a run without them; ``external_truth`` is their exact conversion oracle.
+- ``BehaviourShift`` changes prices and tastes from a date on (drift tests).
+
 The ground truth is P(customer buys anything in the category in [cutoff, cutoff + H)) under this
 model given the latent state at the cutoff, integrated over the churn chain, the visits and the
 responses by an exact forward recursion (no realised future is used). ``p_up``/``p_down`` are the
@@ -506,8 +512,8 @@ class _Shop:
                              "does not have")
         ts = pd.to_datetime(offers["valid_from"], utc=True).dt.tz_convert(None).dt.normalize()
         day = ((ts - pd.Timestamp(self.start)).dt.days).to_numpy(np.int64)
-        if len(day) and (day.min() < 1 or day.max() + self.h > self.days):
-            raise ValueError(f"external offers must start within day 1..{self.days - self.h} of the shop "
+        if len(day) and (day.min() < 0 or day.max() + self.h > self.days):
+            raise ValueError(f"external offers must start within day 0..{self.days - self.h} of the shop "
                              "(their outcome window has to fit)")
         control = (offers["is_control"].astype(bool).to_numpy() if "is_control" in offers.columns
                    else np.zeros(len(offers), bool))
