@@ -423,16 +423,23 @@ def _publish_step(c: Ctx, url: str, limits: bool) -> dict:
 
     run_suite("crm_offers", crm.prepare_offers(offers.head(100)))
     warmup_s = time.perf_counter() - t0
-    # 1. our publish as production runs it: start + COPY/executemany load + read-back + GE output suite + flip
-    full = _publish(url, offers, f"bench-full-{tag}", c)
+    # Every figure here is the best of 2 runs (ours and the baselines alike): sub-second database
+    # work on a shared machine is noisy, and the first run in a process also pays one-off warm-up.
+    # 1. our publish as production runs it: start + load (COPY/executemany) with the GE output suite
+    #    validating the in-memory frame meanwhile + flip
+    runs = [_publish(url, offers, f"bench-full{i}-{tag}", c) for i in range(2)]
     peak = proc_status_mb("VmHWM")
+    full = min(runs, key=lambda r: r["seconds"])
     # 2. the same without the output suite (the database path the COPY limit is comparable with)
-    nosuite = _publish(url, offers, f"bench-nosuite-{tag}", c, validate=_no_check)
+    nosuite = min((_publish(url, offers, f"bench-nosuite{i}-{tag}", c, validate=_no_check) for i in range(2)),
+                  key=lambda r: r["seconds"])
     # 3. the load alone: start_batch + load_rows (prepare_offers, duplicate check, COPY)
-    t1 = time.perf_counter()
-    crm.start_batch(url, f"bench-load-{tag}", c.as_of, {}, {})
-    crm.load_rows(url, f"bench-load-{tag}", offers)
-    load_s = time.perf_counter() - t1
+    load_s = float("inf")
+    for i in range(2):
+        t1 = time.perf_counter()
+        crm.start_batch(url, f"bench-load{i}-{tag}", c.as_of, {}, {})
+        crm.load_rows(url, f"bench-load{i}-{tag}", offers)
+        load_s = min(load_s, time.perf_counter() - t1)
     out = {
         "seconds": full["seconds"],
         "rows": rows,
@@ -443,12 +450,12 @@ def _publish_step(c: Ctx, url: str, limits: bool) -> dict:
         "publish_full_s": full["seconds"],
         "publish_no_suite_s": nosuite["seconds"],
         "load_only_s": load_s,
-        "note": "seconds = ml.crm.publish with its default GE output suite; tables created and GE imported "
-        "and warmed (one small run) before timing",
+        "note": "seconds = ml.crm.publish with its default GE output suite, best of 2 (as every figure of "
+        "this step); tables created and GE imported and warmed (one small run) before timing",
     }
     if limits:
-        raw_s = _raw_copy(url, f"raw_copy_{tag}", offers, "raw")
-        to_sql_s = _to_sql(url, f"to_sql_{tag}", offers, "to_sql")
+        raw_s = min(_raw_copy(url, f"raw_copy{i}_{tag}", offers, "raw") for i in range(2))
+        to_sql_s = min(_to_sql(url, f"to_sql{i}_{tag}", offers, "to_sql") for i in range(2))
         out.update(
             {
                 "raw_copy_s": raw_s,
