@@ -618,7 +618,7 @@ def build_rows(results: dict) -> list[dict]:
             p = r["predict"]
             if p.get("rows"):
                 ratio = (
-                    f"e2e {r['rows_per_s'] / p['raw_rows_per_s']:.3f} of raw predict; "
+                    f"e2e (incl. FeatureContext) {r['rows_per_s'] / p['raw_rows_per_s']:.3f} of raw predict; "
                     f"predict path {p['ratio']:.2f}"
                 )
         elif name == "publish_pg" and "raw_copy_s" in r:
