@@ -416,30 +416,46 @@ def _publish_step(c: Ctx, url: str, limits: bool) -> dict:
     t0 = time.perf_counter()
     crm.ensure_schema(url)  # once per database; created before timing, like the baselines' tables
     schema_s = time.perf_counter() - t0
-    # 1. our publish as production runs it: start + COPY/executemany load + read-back + GE output suite + flip
-    full = _publish(url, offers, f"bench-full-{tag}", c)
+    # Importing GE and its first run are a once-per-process cost, like importing psycopg/pyarrow for
+    # the raw COPY: paid here, before any timer (reported as ge_warmup_s).
+    t0 = time.perf_counter()
+    from ml.quality import run_suite
+
+    run_suite("crm_offers", crm.prepare_offers(offers.head(100)))
+    warmup_s = time.perf_counter() - t0
+    # Every figure here is the best of 2 runs (ours and the baselines alike): sub-second database
+    # work on a shared machine is noisy, and the first run in a process also pays one-off warm-up.
+    # 1. our publish as production runs it: start + load (COPY/executemany) with the GE output suite
+    #    validating the in-memory frame meanwhile + flip
+    runs = [_publish(url, offers, f"bench-full{i}-{tag}", c) for i in range(2)]
     peak = proc_status_mb("VmHWM")
+    full = min(runs, key=lambda r: r["seconds"])
     # 2. the same without the output suite (the database path the COPY limit is comparable with)
-    nosuite = _publish(url, offers, f"bench-nosuite-{tag}", c, validate=_no_check)
+    nosuite = min((_publish(url, offers, f"bench-nosuite{i}-{tag}", c, validate=_no_check) for i in range(2)),
+                  key=lambda r: r["seconds"])
     # 3. the load alone: start_batch + load_rows (prepare_offers, duplicate check, COPY)
-    t1 = time.perf_counter()
-    crm.start_batch(url, f"bench-load-{tag}", c.as_of, {}, {})
-    crm.load_rows(url, f"bench-load-{tag}", offers)
-    load_s = time.perf_counter() - t1
+    load_s = float("inf")
+    for i in range(2):
+        t1 = time.perf_counter()
+        crm.start_batch(url, f"bench-load{i}-{tag}", c.as_of, {}, {})
+        crm.load_rows(url, f"bench-load{i}-{tag}", offers)
+        load_s = min(load_s, time.perf_counter() - t1)
     out = {
         "seconds": full["seconds"],
         "rows": rows,
         "unit": "offer rows published",
         "peak_rss_mb": peak,
         "ensure_schema_s": schema_s,
+        "ge_warmup_s": warmup_s,
         "publish_full_s": full["seconds"],
         "publish_no_suite_s": nosuite["seconds"],
         "load_only_s": load_s,
-        "note": "seconds = ml.crm.publish with its default GE output suite; tables created before timing",
+        "note": "seconds = ml.crm.publish with its default GE output suite, best of 2 (as every figure of "
+        "this step); tables created and GE imported and warmed (one small run) before timing",
     }
     if limits:
-        raw_s = _raw_copy(url, f"raw_copy_{tag}", offers, "raw")
-        to_sql_s = _to_sql(url, f"to_sql_{tag}", offers, "to_sql")
+        raw_s = min(_raw_copy(url, f"raw_copy{i}_{tag}", offers, "raw") for i in range(2))
+        to_sql_s = min(_to_sql(url, f"to_sql{i}_{tag}", offers, "to_sql") for i in range(2))
         out.update(
             {
                 "raw_copy_s": raw_s,
@@ -602,7 +618,7 @@ def build_rows(results: dict) -> list[dict]:
             p = r["predict"]
             if p.get("rows"):
                 ratio = (
-                    f"e2e {r['rows_per_s'] / p['raw_rows_per_s']:.3f} of raw predict; "
+                    f"e2e (incl. FeatureContext) {r['rows_per_s'] / p['raw_rows_per_s']:.3f} of raw predict; "
                     f"predict path {p['ratio']:.2f}"
                 )
         elif name == "publish_pg" and "raw_copy_s" in r:
@@ -610,6 +626,8 @@ def build_rows(results: dict) -> list[dict]:
                 f"{r['ratio_full_vs_raw_copy']:.2f} of raw COPY "
                 f"(no suite {r['ratio_no_suite_vs_raw_copy']:.2f}, load {r['ratio_load_vs_raw_copy']:.2f}); "
                 f"{r['speedup_full_vs_to_sql']:.1f}× to_sql"
+                + (f"; GE imported + warmed before timing ({r['ge_warmup_s']:.1f} s)"
+                   if "ge_warmup_s" in r else "")
             )
         rows.append(_row(name, r["seconds"], r["rows"], ratio, rows_per_s=r["rows_per_s"],
                          peak_rss_mb=r["peak_rss_mb"]))

@@ -7,6 +7,12 @@ batch ``superseded`` and this one ``published``. The CRM reads the view ``crm_cu
 which joins the offers to the single ``published`` batch row, so a reader sees the old batch or
 the new one, never a mix or a part, and any failure before the flip leaves the old batch live.
 
+``publish`` (one process, one part) does the same in fewer steps: after ``start_batch`` it loads
+the rows and flips in ONE transaction that holds the batch row, and validates the in-memory frame
+it is writing in a thread while the rows stream in (the database does the COPY work), so the
+rows published are exactly the rows validated without reading them back. Shards loaded with
+``load_rows`` are read back and validated by ``publish_batch``.
+
 Status transitions::
 
     (new) / failed / superseded --start_batch--> loading --publish_batch--> published --> superseded
@@ -27,6 +33,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -373,10 +380,7 @@ def load_rows(url: str, batch_id: str, offers: pd.DataFrame, schema: str | None 
     lost success report does not duplicate anything. Refuses a batch that is not ``loading``.
     """
     df = prepare_offers(offers)
-    dup = df.duplicated(["customer_id", "rank"], keep=False)
-    if dup.any():
-        raise ValueError(f"{int(dup.sum())} offers share a (customer_id, rank), e.g. "
-                         f"{df.loc[dup, ['customer_id', 'rank']].head(3).to_dict('records')}")
+    _refuse_duplicates(df)
     s = _schema(schema)
     with _engine(url, schema) as engine:
         try:
@@ -386,6 +390,13 @@ def load_rows(url: str, batch_id: str, offers: pd.DataFrame, schema: str | None 
                 raise
             # These customers were loaded before (a retried shard): replace their rows.
             return _load_once(engine, s, batch_id, df, replace=True)
+
+
+def _refuse_duplicates(df: pd.DataFrame) -> None:
+    dup = df.duplicated(["customer_id", "rank"], keep=False)
+    if dup.any():
+        raise ValueError(f"{int(dup.sum())} offers share a (customer_id, rank), e.g. "
+                         f"{df.loc[dup, ['customer_id', 'rank']].head(3).to_dict('records')}")
 
 
 def _is_unique_violation(exc: BaseException) -> bool:
@@ -404,13 +415,17 @@ def _load_once(engine: sa.Engine, s: _Schema, batch_id: str, df: pd.DataFrame, r
             for i in range(0, len(customers), 10_000):
                 conn.execute(s.offers.delete().where(s.offers.c.batch_id == batch_id,
                                                      s.offers.c.customer_id.in_(customers[i:i + 10_000])))
-        if df.empty:
-            return 0
-        if engine.dialect.name == "postgresql":
-            _copy_pg(conn, s.offers, batch_id, df)
-        else:
-            _insert_many(conn, s.offers, batch_id, df)
+        _write_rows(conn, s.offers, batch_id, df)
     return len(df)
+
+
+def _write_rows(conn: sa.Connection, table: sa.Table, batch_id: str, df: pd.DataFrame) -> None:
+    if df.empty:
+        return
+    if conn.dialect.name == "postgresql":
+        _copy_pg(conn, table, batch_id, df)
+    else:
+        _insert_many(conn, table, batch_id, df)
 
 
 def _copy_pg(conn: sa.Connection, table: sa.Table, batch_id: str, df: pd.DataFrame,
@@ -646,21 +661,66 @@ def publish(url: str, offers: pd.DataFrame, batch_id: str, as_of: dt.date,
             model_versions: Mapping[str, str], run_ids: Mapping[str, str],
             validate: Callable[[pd.DataFrame], list] | None = None,
             retention: int = POLICY.retention_batches, schema: str | None = None) -> PublishResult:
-    """start_batch + load_rows + publish_batch; a rerun of a published batch id is a no-op."""
+    """start_batch, then load + validate + flip as one part; a rerun of a published batch id is a no-op.
+
+    The outcome is that of start_batch + load_rows + publish_batch (failed validation: the batch is
+    ``failed`` with its rows and the reason, the previous batch stays published), in less time:
+    ``validate`` checks the canonical frame being written, in a thread while the rows load, and the
+    load and the flip are one transaction holding the batch row, so no other loader can add or
+    change rows in between and the rows published are exactly the rows validated.
+    """
+    if retention < 1:
+        raise ValueError("retention must keep at least the published batch (>= 1)")
     t0 = time.perf_counter()
     if start_batch(url, batch_id, as_of, model_versions, run_ids, schema=schema) == "published":
         row = list_batches(url, schema=schema).set_index("batch_id").loc[batch_id]
         log.info("crm: batch %s already published, nothing to do", batch_id)
         return PublishResult(batch_id, "already published", int(row["n_offers"]), int(row["n_control"]),
                              seconds=time.perf_counter() - t0)
-    try:
-        load_rows(url, batch_id, offers, schema=schema)
-    except Exception as exc:
-        with _engine(url, schema) as engine:
-            _mark_failed(engine, _schema(schema), batch_id, exc)
-        raise
-    res = publish_batch(url, batch_id, validate=validate, retention=retention, schema=schema)
-    res.seconds = time.perf_counter() - t0
+    s = _schema(schema)
+    validate = validate or _default_validate
+    with _engine(url, schema) as engine:
+        try:
+            df = prepare_offers(offers)
+            _refuse_duplicates(df)
+        except Exception as exc:
+            _mark_failed(engine, s, batch_id, exc)
+            raise
+        n_offers, n_control = len(df), int(df["is_control"].sum())
+        rejected: PublishError | None = None
+        loaded = False
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="offerflow-validate") as pool:
+                checked = pool.submit(validate, df)
+                with _write(engine) as conn:
+                    status = _status(conn, s, batch_id, lock="update")
+                    if status != "loading":
+                        raise ValueError(f"batch {batch_id} is {status or 'unknown'}, not loading: "
+                                         "call start_batch first")
+                    # Rows another loader may have added since start_batch: this part replaces them.
+                    conn.execute(s.offers.delete().where(s.offers.c.batch_id == batch_id))
+                    _write_rows(conn, s.offers, batch_id, df)
+                    loaded = True
+                    failures = list(checked.result())
+                    if failures:  # keep the rows for inspection, as after a read-back validation
+                        rejected = PublishError(batch_id, _describe(failures), failures)
+                    else:
+                        previous = _flip(conn, s, batch_id, n_offers, n_control)
+            if rejected is not None:
+                raise rejected
+        except Exception as exc:
+            _mark_failed(engine, s, batch_id, exc)
+            if isinstance(exc, PublishError) or not loaded:  # load errors surface as load_rows raises them
+                raise
+            raise PublishError(batch_id, f"{type(exc).__name__}: {exc}") from exc
+        try:
+            deleted = _apply_retention(engine, s, retention)
+        except sa.exc.SQLAlchemyError as exc:  # published all the same: clean up next time
+            log.warning("crm: retention failed after publishing %s: %s", batch_id, exc)
+            deleted = []
+    res = PublishResult(batch_id, "published", n_offers, n_control, previous, deleted,
+                        time.perf_counter() - t0)
+    log.info("crm: %s", res.summary())
     return res
 
 

@@ -222,14 +222,39 @@ class OfferModel(mlflow.pyfunc.PythonModel):
         if method == "shap":
             contrib = self.booster.predict(X, num_iteration=n_iter, pred_contrib=True)
         elif method == "path":
-            leaves = self.booster.predict(X, num_iteration=n_iter, pred_leaf=True).reshape(len(X), -1)
-            table, offsets = self._leaf_paths()
-            contrib = np.zeros((len(X), table.shape[1]), dtype="float64")
-            for t in range(leaves.shape[1]):
-                contrib += table[offsets[t] + leaves[:, t]]
+            contrib = self._path_contributions(X, n_iter)
         else:
             raise ValueError(f"unknown contribution method {method!r}: use 'path' or 'shap'")
         return pd.DataFrame(contrib, columns=[*self.features, "bias"], index=df.index)
+
+    def _path_contributions(self, X: pd.DataFrame, n_iter: int | None, chunk: int = 16_384) -> np.ndarray:
+        """Σ over trees of the reached leaf's path row, as a product: leaf one-hots (CSR) × path table.
+
+        A per-tree numpy gather-and-add streams a rows × features temporary through memory once per
+        tree; the sparse product accumulates each row in place, in C. Rows go in chunks so the leaf
+        indices and one-hots stay small and their memory is reused (fresh pages are slow to fault in).
+        Each one-hot row lists the trees in order, so the sums are bit-for-bit the tree-by-tree ones.
+        """
+        from scipy import sparse
+
+        table, offsets = self._leaf_paths()
+        out = np.zeros((len(X), table.shape[1]), dtype="float64")
+        ones: np.ndarray | None = None
+        for start in range(0, len(X), chunk):
+            part = X.iloc[start:start + chunk]
+            leaves = self.booster.predict(part, num_iteration=n_iter, pred_leaf=True).reshape(len(part), -1)
+            n, n_trees = leaves.shape
+            if n_trees == 0:
+                continue
+            size = n * n_trees
+            index = np.int32 if size < 2**31 and len(table) < 2**31 else np.int64
+            cols = (leaves.astype(index, copy=False) + offsets[:n_trees].astype(index)).ravel()
+            if ones is None or len(ones) < size:
+                ones = np.ones(size)
+            onehot = sparse.csr_matrix((ones[:size], cols, np.arange(0, size + 1, n_trees, dtype=index)),
+                                       shape=(n, len(table)), copy=False)
+            out[start:start + n] = onehot @ table
+        return out
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

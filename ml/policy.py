@@ -131,11 +131,15 @@ def _text(values: pd.Series | pd.Index | Iterable[str]) -> pa.Array:
 Text = pd.Series | pd.Index | Iterable[str]
 
 
+def _chunks(arr: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
+    return list(arr.chunks) if isinstance(arr, pa.ChunkedArray) else [arr]
+
+
 def _lookup(values: Text, keys: Text) -> np.ndarray:
-    """Position of each value among ``keys`` (-1 when absent or missing).
+    """Position of each value among ``keys`` (-1 when absent or missing; a repeated key: its first row).
 
     Arrow's hash lookup: several times faster than ``Index.get_indexer`` on text, which matters
-    for tens of millions of order lines. ``keys`` must be unique.
+    for tens of millions of order lines.
     """
     pos = pc.index_in(_text(values), value_set=_text(keys), skip_nulls=True)
     return pos.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -197,9 +201,7 @@ def _category_of(product_ids: pd.Series, cat: _Catalogue) -> np.ndarray:
 
 def _purchases(shop: Shop, codes: _Codes, cat: _Catalogue, t: np.datetime64) -> pd.DataFrame:
     """(customer*n_cat + category, order time) per order line of candidate customers before T."""
-    orders = shop.orders
-    if not orders["order_id"].is_unique:  # breaks the contract; the first row wins rather than a crash
-        orders = orders.drop_duplicates("order_id")
+    orders = shop.orders  # a repeated order_id breaks the contract; _lookup lets its first row win
     ots = _ts(orders["order_ts"])
     ocust = _lookup(orders["customer_id"], codes.customers)
     keep = (ots < t) & (ocust >= 0)
@@ -316,7 +318,9 @@ def apply_policy(scored: pd.DataFrame, shop: Shop, as_of: dt.date,
     cust_code, cust_uniques = pd.factorize(pd.array(scored["customer_id"], dtype="string[pyarrow]"),
                                            sort=True)
     cust_code = cust_code.astype(np.int64)
-    all_categories = pa.chunked_array([_text(scored["category"]), _text(shop.products["category"])])
+    # Chunks, not ChunkedArrays: pa.chunked_array would convert a ChunkedArray value by value.
+    all_categories = pa.chunked_array([*_chunks(_text(scored["category"])),
+                                       *_chunks(_text(shop.products["category"]))], type=pa.large_string())
     categories = pd.Index(pc.unique(all_categories).drop_null().to_pylist(), dtype="string").sort_values()
     codes = _Codes(pd.Index(cust_uniques), categories, len(cust_uniques), len(categories))
     cat_code = _lookup(scored["category"], categories)

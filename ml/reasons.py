@@ -21,6 +21,8 @@ import json
 import math
 import re
 from collections.abc import Callable
+from itertools import repeat
+from json.encoder import encode_basestring as _encode_str
 from typing import Any
 
 import numpy as np
@@ -62,15 +64,31 @@ class _Columns:
         return arr
 
 
+_CATEGORY = "\x00category"  # what Row records when a template reads the offer's category
+
+
 class Row:
-    """Read access to the other (non-personal) feature values of one row, for templates."""
+    """Read access to the other (non-personal) feature values of one row, for templates.
 
-    __slots__ = ("_cols", "_i", "category")
+    With ``reads`` (a list) every name read is recorded: ``reason_codes`` uses that to reuse one
+    rendered phrase for all rows that agree on the value, the category and what the template read.
+    """
 
-    def __init__(self, cols: _Columns, i: int, category: str):
-        self._cols, self._i, self.category = cols, i, category
+    __slots__ = ("_category", "_cols", "_i", "_reads")
+
+    def __init__(self, cols: _Columns, i: int, category: str, reads: list[str] | None = None):
+        self._cols, self._i, self._category, self._reads = cols, i, category, reads
+
+    @property
+    def category(self) -> str:
+        """The offer's category (recorded as the read ``_CATEGORY``)."""
+        if self._reads is not None:
+            self._reads.append(_CATEGORY)
+        return self._category
 
     def get(self, name: str) -> Any:
+        if self._reads is not None:
+            self._reads.append(name)
         col = self._cols.get(name)
         return None if col is None else _clean(col[self._i])
 
@@ -331,6 +349,107 @@ def phrase(feature: str, value: Any, row: Row) -> str:
 
 # ---------------------------------------------------------------------------- the codes
 
+def _codes(col: np.ndarray | None, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(code per row, cleaned value per code) for ``col[rows]``: equal codes mean equal ``_clean`` values.
+
+    Numbers are cleaned once per distinct value; other values are coded by (type, cleaned value),
+    so 1, 1.0 and True (equal as dict keys) stay apart.
+    """
+    none = np.full(1, None, dtype=object)
+    if col is None or not len(rows):
+        return np.zeros(len(rows), dtype=np.int64), none
+    v = col[rows]
+    if v.dtype == np.float64:
+        fin = np.isfinite(v)
+        uniq, inv = np.unique(v[fin], return_inverse=True)
+        cleaned = np.empty(len(uniq) + 1, dtype=object)
+        cleaned[:-1] = [_clean(u) for u in uniq.tolist()]
+        cleaned[-1] = None  # missing and infinite
+        codes = np.full(len(v), len(uniq), dtype=np.int64)
+        codes[fin] = inv
+        return codes, cleaned
+    index: dict[tuple, int] = {}
+    values: list = []
+    codes = np.empty(len(v), dtype=np.int64)
+    for i, x in enumerate(v.tolist()):
+        c = _clean(x)
+        code = index.get((type(c), c))
+        if code is None:
+            code = index[(type(c), c)] = len(values)
+            values.append(c)
+        codes[i] = code
+    cleaned = np.empty(len(values), dtype=object)
+    cleaned[:] = values
+    return codes, cleaned
+
+
+def _json(v: Any) -> str:
+    """``json.dumps(v, ensure_ascii=False)`` for the scalars ``_clean`` returns, without its overhead."""
+    if isinstance(v, str):
+        return _encode_str(v)
+    if v is None:
+        return "null"
+    if v is True or v is False:
+        return "true" if v else "false"
+    if type(v) is float:
+        return float.__repr__(v)
+    if type(v) is int:
+        return int.__repr__(v)
+    return json.dumps(v, ensure_ascii=False)
+
+
+def _groups(key: np.ndarray) -> list[np.ndarray]:
+    """Positions grouped by equal ``key``, each group in position order."""
+    if not len(key):
+        return []
+    _, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
+    order = np.argsort(inv, kind="stable")
+    return np.split(order, np.cumsum(counts)[:-1])
+
+
+def _phrases(feature: str, template: Callable[[Any, Row], str | None] | None, cols: _Columns,
+             rows: np.ndarray, codes: np.ndarray, cleaned: np.ndarray, cat_codes: np.ndarray,
+             cat_values: np.ndarray) -> np.ndarray:
+    """The phrase for each of ``rows`` (value codes ``codes``), rendering each distinct case once.
+
+    Rows are grouped by value and by what templates were seen to read (the category, other
+    features), and each group's first row is rendered with a recording ``Row``. Templates are pure
+    functions of the value and what they read, so if a render read only what the grouping already
+    agrees on, its text holds for the whole group; otherwise what it newly read joins the grouping
+    and the rest of the group is rendered again. Vectorised grouping, one render per distinct case.
+    """
+    out = np.empty(len(rows), dtype=object)
+    base = codes
+    names: list[str] = []
+    read_codes: dict[str, np.ndarray] = {}
+    cat_of_rows = cat_codes[rows]
+    todo = np.arange(len(rows))
+    while len(todo):
+        key = base[todo]
+        for name in names:
+            c = read_codes[name][todo]
+            key = np.unique(key * (int(c.max()) + 1) + c, return_inverse=True)[1].astype(np.int64)
+        done = np.zeros(len(rows), dtype=bool)
+        new: list[str] = []
+        for group in _groups(key):
+            members = todo[group]
+            first = int(members[0])
+            reads: list[str] = []
+            row = Row(cols, int(rows[first]), cat_values[cat_of_rows[first]], reads)
+            text = _render(feature, template, cleaned[codes[first]], row)
+            unknown = [r for r in reads if r not in read_codes]
+            if unknown:
+                out[first], done[first] = text, True
+                new.extend(unknown)
+            else:
+                out[members], done[members] = text, True
+        for name in dict.fromkeys(new):
+            read_codes[name] = cat_of_rows if name == _CATEGORY else _codes(cols.get(name), rows)[0]
+            names.append(name)
+        todo = todo[~done[todo]]
+    return out
+
+
 def reason_codes(contrib: pd.DataFrame, values: pd.DataFrame, k: int = 3) -> pd.Series:
     """JSON text per row: the top-k features by positive contribution, with value and phrase.
 
@@ -354,24 +473,29 @@ def reason_codes(contrib: pd.DataFrame, values: pd.DataFrame, k: int = 3) -> pd.
     top_c = np.take_along_axis(c, top, axis=1)
 
     cols = _Columns(values)
-    used = np.unique(top[np.isfinite(top_c)]) if kk else np.zeros(0, dtype=np.int64)
-    templates = [_resolve(name) if i in used else None for i, name in enumerate(features)]
-    feature_cols = [cols.get(name) if i in used else None for i, name in enumerate(features)]
     categories = values["category"].astype("string").fillna("this category").to_numpy(dtype=object) \
         if "category" in values.columns else np.full(n, "this category", dtype=object)
 
-    out = []
-    for i in range(n):
-        row = Row(cols, i, categories[i])
-        items = []
-        for j in range(kk):
-            contribution = top_c[i, j]
-            if contribution == -np.inf:
-                break
-            f = top[i, j]
-            name, col = features[f], feature_cols[f]
-            value = None if col is None else _clean(col[i])
-            items.append({"feature": name, "value": value, "contribution": round(float(contribution), 4),
-                          "phrase": _render(name, templates[f], value, row)})
-        out.append(json.dumps(items, ensure_ascii=False))
+    cat_codes, cat_values = pd.factorize(pd.Series(categories), use_na_sentinel=False)
+    cat_values = np.asarray(cat_values, dtype=object)
+    # JSON text of each (row, rank) item, built per feature over all rows that feature explains;
+    # the same text json.dumps gives for {"feature", "value", "contribution", "phrase"}.
+    valid = np.isfinite(top_c)
+    items = np.full((n, kk), "", dtype=object)
+    for f in np.unique(top[valid]).tolist() if kk else []:
+        rows, ranks = np.nonzero(valid & (top == f))
+        name = features[f]
+        codes, cleaned = _codes(cols.get(name), rows)
+        phrases = _phrases(name, _resolve(name), cols, rows, codes, cleaned, cat_codes, cat_values)
+        value_json = np.array([_json(v) for v in cleaned.tolist()], dtype=object)[codes]
+        encoded: dict[str, str] = {}
+        phrase_json = [encoded.get(t) or encoded.setdefault(t, _encode_str(t)) for t in phrases.tolist()]
+        contribution_json = map(repr, map(round, top_c[rows, ranks].tolist(), repeat(4)))
+        head = '{"feature": ' + _encode_str(name) + ', "value": '
+        items[rows, ranks] = [f'{head}{v}, "contribution": {c}, "phrase": {p}}}' for v, c, p
+                              in zip(value_json.tolist(), contribution_json, phrase_json, strict=True)]
+    text = items[:, 0] if kk else np.full(n, "", dtype=object)
+    for j in range(1, kk):
+        text = text + np.where(valid[:, j], ", ", "").astype(object) + items[:, j]
+    out = ("[" + text + "]") if n else text
     return pd.Series(out, index=contrib.index, dtype="string")

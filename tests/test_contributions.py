@@ -55,3 +55,18 @@ def test_cached_paths_are_not_pickled(fitted):
     assert getattr(clone, "_paths_cache", None) is None
     np.testing.assert_allclose(clone.contributions(fitted.test.head(50)).to_numpy(),
                                fitted.model.contributions(fitted.test.head(50)).to_numpy())
+
+
+def test_path_contributions_are_the_tree_by_tree_sums_whatever_the_chunking(fitted):
+    """The sparse product adds the trees in order: bit-for-bit the plain per-tree loop, in any chunks."""
+    model, test = fitted.model, fitted.test
+    n_iter = model.booster.best_iteration or None
+    leaves = model.booster.predict(model.to_booster_input(test), num_iteration=n_iter, pred_leaf=True)
+    table, offsets = model._leaf_paths()
+    expected = np.zeros((len(test), table.shape[1]))
+    for t in range(leaves.shape[1]):
+        expected += table[offsets[t] + leaves[:, t]]
+    for chunk in (7, 1000, 16_384):
+        got = model._path_contributions(model.to_booster_input(test), n_iter, chunk=chunk)
+        np.testing.assert_array_equal(got, expected)
+    assert model.contributions(test.head(0)).shape == (0, len(model.features) + 1)

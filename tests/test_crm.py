@@ -446,3 +446,85 @@ def test_default_validation_is_the_output_suite(tmp_path):
         publish(url, bad, "b2", validate=None)
     assert [(f.check, f.column) for f in info.value.failures] == [("out of range", "propensity")]
     assert status_of(url) == {"b1": "published", "b2": "failed"}
+
+
+# ---------------------------------------------------------------- publish(): one part, validated in memory
+
+def test_publish_validates_the_frame_it_writes_while_loading(url):
+    """publish() validates the canonical frame in a worker thread; those are exactly the rows published."""
+    offers = make_offers(400, seed=4)
+    calls: list[tuple[str, pd.DataFrame]] = []
+
+    def spy(df: pd.DataFrame) -> list:
+        calls.append((threading.current_thread().name, df.copy()))
+        return []
+
+    publish(url, offers, "b1", validate=spy)
+    [(thread, checked)] = calls
+    assert thread != threading.main_thread().name  # ran beside the load, not after it
+    written = crm.read_batch(url, "b1")
+    ordered = checked.sort_values(["customer_id", "rank"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(ordered, written)  # same rows, same canonical types
+    pd.testing.assert_frame_equal(written, expected_rows(offers))
+
+
+@pytest.mark.parametrize("how", ["failures", "raises"])
+def test_failed_concurrent_validation_fails_the_batch_and_keeps_the_previous_one(url, how):
+    first = make_offers(100, seed=1)
+    publish(url, first, "b1")
+    before = crm.current_offers(url)
+    second = make_offers(120, seed=2, first=500)
+
+    def check(df: pd.DataFrame) -> list:
+        time.sleep(0.2)  # still validating when the load is done: the flip must wait for the verdict
+        if how == "raises":
+            raise RuntimeError("suite crashed")
+        return [SimpleNamespace(table="crm_offers", check="out of range", column="propensity", count=1,
+                                examples=[1.5], detail="")]
+
+    with pytest.raises(crm.PublishError) as info:
+        publish(url, second, "b2", validate=check)
+    assert info.value.batch_id == "b2"
+    assert status_of(url) == {"b1": "published", "b2": "failed"}
+    pd.testing.assert_frame_equal(crm.current_offers(url), before)
+    error = crm.list_batches(url).set_index("batch_id").loc["b2", "error"]
+    assert ("suite crashed" in error) if how == "raises" else ("propensity" in error)
+    if how == "failures":  # the rows stay with the failed batch for inspection, as after a read-back
+        pd.testing.assert_frame_equal(crm.read_batch(url, "b2"), expected_rows(second))
+    assert publish(url, second, "b2").status == "published"  # rerun once fixed
+    assert status_of(url) == {"b1": "superseded", "b2": "published"}
+
+
+def test_reader_never_sees_the_batch_before_its_concurrent_validation_passed(url):
+    old, new = make_offers(200, seed=1), make_offers(5_000, seed=2, first=10_000)
+    publish(url, old, "old")
+    visible: list[tuple] = []
+
+    def slow_check(df: pd.DataFrame) -> list:
+        deadline = time.monotonic() + 1.0
+        engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                while time.monotonic() < deadline:
+                    visible.append(tuple(conn.execute(sa.text(
+                        "SELECT batch_id, COUNT(*) FROM crm_current_offers GROUP BY batch_id")).all()))
+                    conn.rollback()
+                    time.sleep(0.02)
+        finally:
+            engine.dispose()
+        return []
+
+    publish(url, new, "new", validate=slow_check)
+    assert len(visible) >= 5
+    assert set(visible) == {(("old", int((~old["is_control"]).sum())),)}
+    assert set(crm.current_offers(url)["batch_id"]) == {"new"}
+
+
+def test_publish_rejects_bad_rows_before_loading_anything(url):
+    publish(url, make_offers(50, seed=1), "b1")
+    dup = make_offers(20, seed=2, first=100)
+    dup.loc[1, ["customer_id", "rank"]] = dup.loc[0, ["customer_id", "rank"]].to_numpy()
+    with pytest.raises(ValueError, match="share a"):
+        publish(url, dup, "b2")
+    assert status_of(url) == {"b1": "published", "b2": "failed"}
+    assert len(crm.read_batch(url, "b2")) == 0

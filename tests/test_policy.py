@@ -396,3 +396,20 @@ def test_control_share_is_stable_deterministic_and_order_free():
     assert abs(share30.mean() - 0.3) <= 0.02
     nested = share30.to_numpy() >= res.offers["is_control"].to_numpy()
     assert nested.all(), "a larger share keeps the smaller share's customers in control"
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000))
+def test_a_repeated_order_id_counts_its_first_row_only(seed):
+    """Breaks the contract, but must not crash or change meaning: the first row of an order id wins."""
+    scored, shop = random_case(seed, 25, 4)
+    orders = shop.orders.reset_index(drop=True)
+    if len(orders) < 4:
+        return
+    orders.loc[1, "order_id"] = orders.loc[0, "order_id"]
+    orders.loc[3, "order_id"] = orders.loc[2, "order_id"]
+    dup = dataclasses.replace(shop, tables={**shop.tables, "orders": orders})
+    first = dataclasses.replace(shop, tables={**shop.tables, "orders": orders.drop_duplicates("order_id")})
+    a, b = apply_policy(scored, dup, AS_OF), apply_policy(scored, first, AS_OF)
+    pd.testing.assert_frame_equal(a.offers, b.offers)
+    pd.testing.assert_frame_equal(a.suppressed, b.suppressed)

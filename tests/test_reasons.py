@@ -114,3 +114,42 @@ def test_personal_fields_never_appear():
         assert [it["feature"] for it in items] == ["cat_orders_90d"]
         for banned in ("email", "birth", "age_band", "@", "example", "1980", "1975", "35-44", "45-54"):
             assert banned not in text
+
+
+def test_grouped_rendering_equals_rendering_each_row():
+    """Phrases are rendered once per distinct case; templates reading the category or other features
+    (conditionally, too) must still get exactly the per-row text."""
+    from ml.reasons import Row, _Columns, _render, _resolve
+
+    rng = np.random.default_rng(5)
+    n = 400
+    values = pd.DataFrame({
+        "days_since_last_order": rng.choice([np.nan, 3.0, 45.0, 46.0, 400.0], n),
+        "order_gap_median": rng.choice([np.nan, 0.0, 7.0, 20.0], n),
+        "cat_orders_90d": rng.choice([0.0, 1.0, 2.0, 3.0, np.nan], n),
+        "avg_order_value": np.round(rng.gamma(2.0, 20.0, n), 1),
+        "custom": rng.choice([0.5, 1.0, 2.0, np.inf], n),
+        "flag": pd.array(rng.choice(["yes", "no", None], n), dtype="string"),
+        "category": pd.array(rng.choice(["Coffee", "Tea", None], n), dtype="string"),
+    })
+    features = [c for c in values.columns if c != "category"]
+    contrib = pd.DataFrame(rng.normal(0.2, 0.5, (n, len(features))), columns=features)
+    contrib["bias"] = 0.0
+
+    def custom(v, row):  # reads a feature only for some values, and the category only for others
+        if v is None:
+            return None
+        return f"{v} with {row.get('flag')}" if v > 1 else f"{v} in {row.category}"
+
+    PHRASES["custom"] = custom
+    try:
+        out = reason_codes(contrib, values, k=len(features))
+        cols = _Columns(values)
+        cats = values["category"].astype("string").fillna("this category").to_numpy(dtype=object)
+        for i, text in enumerate(out):
+            for item in json.loads(text):
+                row = Row(cols, i, cats[i])
+                expected = _render(item["feature"], _resolve(item["feature"]), item["value"], row)
+                assert item["phrase"] == expected, (i, item)
+    finally:
+        del PHRASES["custom"]
