@@ -17,6 +17,7 @@ similarity) in float32.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -128,6 +129,17 @@ _CHUNK = 262_144
 _TIER_COUNTS = ", ".join(f"count(*) FILTER (WHERE tier = {i}) AS t{i}" for i in range(N_TIERS))
 
 
+def customer_fraction(customer_ids: pd.Series | pd.Index, salt: str) -> np.ndarray:
+    """A number in [0, 1) per customer id, the same on every machine and run for the same salt.
+
+    Samples are "fraction < share": nested (a smaller share keeps a subset of a larger one), whole
+    customers (all their rows or none) and independent of row order and shop size.
+    """
+    key = hashlib.blake2b(salt.encode(), digest_size=8).hexdigest()  # pandas wants a 16-character key
+    h = pd.util.hash_pandas_object(pd.Series(customer_ids, dtype="string"), index=False, hash_key=key)
+    return (h.to_numpy() >> np.uint64(11)).astype("float64") / float(1 << 53)
+
+
 def cutoff_ts(d: dt.date | dt.datetime | pd.Timestamp) -> dt.datetime:
     """A cutoff as a naive UTC midnight datetime (DuckDB binds it as TIMESTAMP)."""
     return pd.Timestamp(d).tz_localize(None).normalize().to_pydatetime() if pd.Timestamp(d).tzinfo \
@@ -140,11 +152,24 @@ class ShopIndex:
     Customers are coded by their row in ``customers``, categories in sorted order, products by
     their row in ``products``. Orders of unknown customers and lines of unknown orders or products
     are dropped (the quality gate rejects them before this runs).
+
+    ``customer_share`` < 1 keeps only the customers whose ``customer_fraction`` (config salt) is
+    below it, with their orders, lines and offers: a training sample then costs what its size costs,
+    not what the shop costs. Shop-level statistics (lift, bands, category shares, best products) are
+    then estimated on the sample; ``population`` keeps the shop's customer count.
     """
 
-    def __init__(self, shop: Shop, cfg: ModelConfig = MODEL):
+    def __init__(self, shop: Shop, cfg: ModelConfig = MODEL, customer_share: float = 1.0):
         self.cfg = cfg
+        self.customer_share = min(float(customer_share), 1.0)
+        self.population = len(shop.customers)
         customers = shop.customers.reset_index(drop=True)
+        self._fraction: np.ndarray | None = None
+        if self.customer_share < 1.0:
+            fraction = customer_fraction(customers["customer_id"], cfg.sample_salt)
+            keep = fraction < self.customer_share
+            customers = customers[keep].reset_index(drop=True)
+            self._fraction = fraction[keep]
         self.customer_ids = customers["customer_id"].astype("string").reset_index(drop=True)
         self.signup = customers["signup_date"].to_numpy(dtype="datetime64[us]")
         self.birth_year = customers["birth_year"].astype("float64").to_numpy(na_value=np.nan)
@@ -212,10 +237,11 @@ class ShopIndex:
         for name in ("cust_dim", "prod_dim", "orders_raw", "lines_raw", "offers_raw"):
             con.unregister(name)
 
-    def customer_fraction(self, seed: int) -> np.ndarray:
-        """A stable number in [0, 1) per customer: the same customers are sampled at every cutoff."""
-        h = pd.util.hash_pandas_object(self.customer_ids, index=False, hash_key=f"of{seed % 10**14:014d}")
-        return (h.to_numpy() >> np.uint64(11)).astype("float64") / float(1 << 53)
+    def customer_fraction(self) -> np.ndarray:
+        """``customer_fraction`` per customer code (config salt): the same customers at every cutoff."""
+        if self._fraction is None:
+            self._fraction = customer_fraction(self.customer_ids, self.cfg.sample_salt)
+        return self._fraction
 
     @property
     def n_customers(self) -> int:
