@@ -86,7 +86,7 @@ def machine() -> dict:
         info["ram_available_gb_at_start"] = round(mem.get("MemAvailable", 0) / 2**20, 1)
     except (OSError, StopIteration, KeyError):
         pass
-    info["lightgbm_threads"] = int(os.environ.get("OFFERFLOW_THREADS", "1"))
+    info["lightgbm_threads"] = int(os.environ["OFFERFLOW_THREADS"])
     return info
 
 
@@ -201,6 +201,7 @@ def step_dataset(c: Ctx) -> dict:
             "positives": int(f["label"].sum()),
             "columns": f.shape[1],
             "memory_mb": round(f.memory_usage(deep=True).sum() / 2**20, 1),
+            "sampling": f.attrs.get("sampling"),
         }
         for t, f in frames.items()
     }
@@ -214,7 +215,8 @@ def step_dataset(c: Ctx) -> dict:
         "types": per_type,
         "peak_rss_mb": peak,
         "handoff_s": time.perf_counter() - t1,
-        "note": "ShopIndex (DuckDB join) + one FeatureContext per cutoff + examples for 3 types",
+        "note": "customer hash-sample (ModelConfig.max_train_customers) → ShopIndex (DuckDB join) + one "
+        "FeatureContext per cutoff + examples for 3 types",
     }
 
 
@@ -254,6 +256,7 @@ def step_train(c: Ctx, offer_type: str) -> dict:
         "fit_rows_per_s": rows / (t2 - t1),
         "best_iteration": fitted.best_iteration,
         "split_rows": fitted.split.n_rows,
+        "sampling": {**fitted.split.sampling, "train_share_final": fitted.split.sampled_customer_share},
         "calibration": fitted.model.calibrator.method,
         "test_roc_auc": gated.metrics.get("roc_auc"),
         "baseline_roc_auc": gated.metrics.get("baseline_roc_auc"),
@@ -841,6 +844,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["OFFERFLOW_HOME"] = str(args.out)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{args.out / 'mlflow.db'}"
     os.environ.pop("OFFERFLOW_CRM_URL", None)
+    # LightGBM threads: every usable CPU unless OFFERFLOW_THREADS says otherwise (the library default
+    # stays 1, for Airflow workers running several tasks side by side).
+    os.environ.setdefault("OFFERFLOW_THREADS", str(len(os.sched_getaffinity(0))))
     # Children import ml from the code snapshot the parent took (OFFERFLOW_BENCH_CODE), so every step
     # of one run uses the same code even while others edit the tree.
     sys.path[:0] = [str(Path(__file__).resolve().parent), os.environ.get("OFFERFLOW_BENCH_CODE", str(ROOT))]

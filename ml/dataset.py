@@ -75,7 +75,7 @@ def _gather(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def build_examples(shop: Shop | None, cutoff: dt.date, offer_type: str, *, with_labels: bool = True,
                    cfg: ModelConfig = MODEL, context: FeatureContext | None = None,
-                   sample_share: float = 1.0) -> pd.DataFrame:
+                   sample_share: float = 1.0, customers: np.ndarray | None = None) -> pd.DataFrame:
     """One row per candidate (customer, category) as of `cutoff`. Columns: customer_id, category,
     product_id (the offered product), cutoff (datetime.date), offer_type, segment (str), at_risk (bool),
     margin (float, per unit of the offered product), popularity (float: the popularity baseline's score
@@ -85,7 +85,9 @@ def build_examples(shop: Shop | None, cutoff: dt.date, offer_type: str, *, with_
     [cutoff, cutoff + H). Pass `context` (``FeatureContext.build(shop, cutoff)``) to share the
     aggregates between offer types; `shop` may then be None. `sample_share` < 1 keeps the customers
     whose ``customer_fraction`` (config salt) is below it: the same ones at every cutoff, nested in
-    the customer sample of the index.
+    the customer sample of the index. `customers` (bool per customer code of the context's index, e.g.
+    one scoring shard) keeps only those customers' candidates before any feature is gathered, so a
+    shard costs memory in proportion to its size; its rows equal those of the full call.
 
     Popularity baseline (non-personal): cross_sell → share of the shop's 90-day active customers who
     bought the category in the 90 days before T; upsell/downsell → share of the category's 90-day
@@ -105,6 +107,11 @@ def build_examples(shop: Shop | None, cutoff: dt.date, offer_type: str, *, with_
     order = np.lexsort((cand.cat, cand.cust))
     if sample_share < 1.0:
         order = order[index.customer_fraction()[cand.cust[order]] < sample_share]
+    if customers is not None:
+        keep = np.asarray(customers, dtype=bool)
+        if len(keep) != index.n_customers:
+            raise ValueError(f"customers has {len(keep)} entries, the index {index.n_customers} customers")
+        order = order[keep[cand.cust[order]]]
     cust, cat, pcode, tier, rows = (a[order] for a in (cand.cust, cand.cat, cand.pcode, cand.offer_tier,
                                                         cand.cc_row))
     c = ctx.cust

@@ -338,3 +338,16 @@ def test_large_shops_build_the_training_set_on_a_logged_customer_sample():
     assert set(train["customer_id"]) <= {c for c in expected
                                          if customer_fraction(pd.Series([c]), cfg.sample_salt)[0]
                                          < s["train_customer_share"]}
+
+
+@pytest.mark.parametrize("offer_type", OFFER_TYPES)
+def test_examples_for_a_customer_subset_equal_the_full_rows_of_those_customers(offer_type):
+    ctx = FeatureContext.build(BASE_INDEX, T0)
+    full = build_examples(None, T0, offer_type, context=ctx)
+    keep = np.arange(BASE_INDEX.n_customers) % 3 == 1  # e.g. one scoring shard
+    part = build_examples(None, T0, offer_type, context=ctx, customers=keep)
+    chosen = set(BASE_INDEX.customer_ids[keep])
+    assert 0 < len(part) < len(full)
+    pd.testing.assert_frame_equal(part, full[full["customer_id"].isin(chosen)].reset_index(drop=True))
+    with pytest.raises(ValueError, match="entries"):
+        build_examples(None, T0, offer_type, context=ctx, customers=keep[:-1])
