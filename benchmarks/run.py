@@ -270,14 +270,26 @@ def step_train(c: Ctx, offer_type: str) -> dict:
     return result
 
 
+def score_shards(c: Ctx) -> int:
+    """Sequential scoring shards: ``--score-shards``, else one per 250k customers (1 at 100k, 4 at 1M)."""
+    if c.args.score_shards:
+        return max(1, c.args.score_shards)
+    return max(1, -(-c.args.customers // 250_000))
+
+
 def step_score(c: Ctx) -> dict:
+    """FeatureContext once, then per customer shard (``ml.score.shard_of``, as the DAG maps them):
+    score the three types and decide; only the shard's offers are kept. The policy is per customer,
+    so the union of the shards' offers is the unsharded decision (tests/test_sharding.py)."""
     import bench_score
+    import pandas as pd
 
     from ml.features import FeatureContext
     from ml.registry import load_champion
     from ml.score import decide, score_offer_type
 
     shop = c.load_shop()
+    n_shards = score_shards(c)
     t0 = time.perf_counter()
     champions = {t: load_champion(t) for t in OFFER_TYPES}
     load_s = time.perf_counter() - t0
@@ -285,23 +297,34 @@ def step_score(c: Ctx) -> dict:
     t1 = time.perf_counter()
     context = FeatureContext.build(shop, c.as_of)
     context_s = time.perf_counter() - t1
-    scored, per_type = {}, {}
-    for t, (model, version) in champions.items():
-        ts = time.perf_counter()
-        scored[t] = score_offer_type(shop, c.as_of, t, model, version, context=context)
-        per_type[t] = {"rows": len(scored[t]), "seconds": time.perf_counter() - ts}
-    td = time.perf_counter()
+    per_type = {t: {"rows": 0, "seconds": 0.0} for t in OFFER_TYPES}
+    offers_parts, versions, decide_s, limit_rows = [], {}, 0.0, None
     with bench_score.ReasonProbe(models) as probe:  # times contributions + reason_codes inside decide
-        decision = decide(scored, models, shop, c.as_of)
-    decide_s = time.perf_counter() - td
+        for shard in range(n_shards):
+            scored = {}
+            for t, (model, version) in champions.items():
+                ts = time.perf_counter()
+                scored[t] = score_offer_type(shop, c.as_of, t, model, version, shard=shard, n_shards=n_shards,
+                                             context=context)
+                per_type[t]["rows"] += len(scored[t])
+                per_type[t]["seconds"] += time.perf_counter() - ts
+            td = time.perf_counter()
+            decision = decide(scored, models, shop, c.as_of)
+            decide_s += time.perf_counter() - td
+            offers_parts.append(decision.offers)
+            versions.update(decision.model_versions)
+            if shard == 0:
+                limit_rows = scored  # the limits run on shard 0's rows, after the peak was read
+            del scored, decision
     e2e = time.perf_counter() - t1
     peak = proc_status_mb("VmHWM")
-    rows = sum(len(s) for s in scored.values())
-    offers = decision.offers
+    del context
+    rows = sum(v["rows"] for v in per_type.values())
+    offers = pd.concat(offers_parts, ignore_index=True) if n_shards > 1 else offers_parts[0]
     offers.to_parquet(c.out / "offers.parquet", index=False)
-    c.update(model_versions=decision.model_versions)
+    c.update(model_versions=versions)
     # Limits on the same rows, in the same process (after the step's peak was read).
-    predict = bench_score.predict_limits(models, scored)
+    predict = bench_score.predict_limits(models, limit_rows)
     reasons = probe.result()
     examples_s = sum(v["seconds"] for v in per_type.values())
     return {
@@ -309,6 +332,7 @@ def step_score(c: Ctx) -> dict:
         "rows": rows,
         "unit": "candidates scored",
         "peak_rss_mb": peak,
+        "shards": n_shards,
         "load_champions_s": load_s,
         "feature_context_s": context_s,
         "score_offer_type": per_type,
@@ -319,8 +343,9 @@ def step_score(c: Ctx) -> dict:
         "control_rows": int(offers["is_control"].sum()),
         "predict": predict,
         "reasons": reasons,
-        "note": "seconds = FeatureContext.build + score_offer_type x3 (candidates, examples, predict_proba) "
-        "+ decide (policy, arbitration, reason codes); champion loading excluded",
+        "note": "seconds = FeatureContext.build + per shard (score_offer_type x3: candidates, examples, "
+        "predict_proba; decide: policy, arbitration, reason codes); champion loading excluded; predict "
+        "limits on shard 0's rows",
     }
 
 
@@ -539,6 +564,8 @@ def _child(name: str, args: argparse.Namespace, pg_db_url: str | None) -> dict:
         str(args.days),
         "--seed",
         str(args.seed),
+        "--score-shards",
+        str(args.score_shards or 0),
     ]
     if pg_db_url:
         cmd += ["--pg-db-url", pg_db_url]
@@ -608,6 +635,8 @@ def build_rows(results: dict) -> list[dict]:
                     f"e2e {r['rows_per_s'] / p['raw_rows_per_s']:.3f} of raw predict; "
                     f"predict path {p['ratio']:.2f}"
                 )
+            if r.get("shards", 1) > 1:
+                ratio += f"; {r['shards']} shards in sequence"
         elif name == "publish_pg" and "raw_copy_s" in r:
             ratio = (
                 f"{r['ratio_full_vs_raw_copy']:.2f} of raw COPY "
@@ -631,7 +660,9 @@ def build_rows(results: dict) -> list[dict]:
                                  f"{p['ratio']:.2f} of raw predict",
                                  rows_per_s=p["predict_proba_rows_per_s"]))
                 rows.append(_row("  limit: raw Booster.predict", p["raw_booster_predict_s"], p["rows"],
-                                 "limit (float64 numpy, best_iteration)", rows_per_s=p["raw_rows_per_s"]))
+                                 "limit (float64 numpy, best_iteration)"
+                                 + ("; shard 0's rows" if r.get("shards", 1) > 1 else ""),
+                                 rows_per_s=p["raw_rows_per_s"]))
             if rc.get("rows"):
                 rows.append(_row("  ↳ reason codes (contrib + phrases)", rc["seconds"], rc["rows"],
                                  f"{rc['seconds'] / r['seconds']:.1%} of scoring time "
@@ -835,6 +866,8 @@ def main(argv: list[str] | None = None) -> int:
         help="admin URL of PostgreSQL (a scratch database is created and dropped)",
     )
     p.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL publish")
+    p.add_argument("--score-shards", type=int, default=0,
+                   help="customer shards scored one after the other (default: one per 250k customers)")
     p.add_argument("--profile", help="cProfile these steps (comma-separated, or 'all') into <out>/logs/")
     p.add_argument("--step", help=argparse.SUPPRESS)  # child side
     p.add_argument("--pg-db-url", help=argparse.SUPPRESS)
