@@ -87,6 +87,7 @@ def machine() -> dict:
     except (OSError, StopIteration, KeyError):
         pass
     info["lightgbm_threads"] = int(os.environ["OFFERFLOW_THREADS"])
+    info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
     return info
 
 
@@ -698,7 +699,8 @@ def markdown(rows: list[dict]) -> str:
 def _machine_text(m: dict) -> str:
     return (
         f"machine: {m.get('cpu_model', '?')}, nproc {m['nproc']} (usable {m['usable_cpus']}), "
-        f"RAM {m.get('ram_gb', '?')} GB; LightGBM threads {m['lightgbm_threads']}; Python {m['python']}; "
+        f"RAM {m.get('ram_gb', '?')} GB; LightGBM threads {m['lightgbm_threads']} "
+        f"(OMP_WAIT_POLICY {m.get('omp_wait_policy') or 'unset'}); Python {m['python']}; "
         f"load average at start {m['loadavg_start']}, at end {m.get('loadavg_end')}"
     )
 
@@ -880,6 +882,7 @@ def main(argv: list[str] | None = None) -> int:
     # LightGBM threads: every usable CPU unless OFFERFLOW_THREADS says otherwise (the library default
     # stays 1, for Airflow workers running several tasks side by side).
     os.environ.setdefault("OFFERFLOW_THREADS", str(len(os.sched_getaffinity(0))))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as ml/__init__.py does, whatever imports first
     # Children import ml from the code snapshot the parent took (OFFERFLOW_BENCH_CODE), so every step
     # of one run uses the same code even while others edit the tree.
     sys.path[:0] = [str(Path(__file__).resolve().parent), os.environ.get("OFFERFLOW_BENCH_CODE", str(ROOT))]
