@@ -596,8 +596,10 @@ def _child(name: str, args: argparse.Namespace, pg_db_url: str | None) -> dict:
             "process_wall_s": wall,
             "process_maxrss_mb": usage.ru_maxrss / 1024,
             "process_cpu_s": usage.ru_utime + usage.ru_stime,
+            "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
     )
+    res_path.write_text(json.dumps(result, indent=1, default=str))  # for --report
     return result
 
 
@@ -763,6 +765,62 @@ def snapshot_code(out: Path, refresh: bool) -> dict:
     }
 
 
+def write_report(args: argparse.Namespace, m: dict, steps: list[str], code: dict, postgresql: str,
+                 total_s: float, results: dict, rows: list[dict], note: str = "") -> None:
+    """bench.json, bench.md and the table on stdout."""
+    out = args.out
+    table = markdown(rows)
+    report = {
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": m,
+        "args": {"customers": args.customers, "days": args.days, "seed": args.seed, "steps": steps},
+        "code": code,
+        "as_of": (START + dt.timedelta(days=args.days)).isoformat(),
+        "postgresql": postgresql,
+        "total_s": total_s,
+        "steps": results,
+        "table": rows,
+    }
+    (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
+    md = [
+        f"# offerflow benchmark: {args.customers:,} customers × {args.days} days",
+        "",
+        _machine_text(m),
+        "",
+        table,
+        "",
+        f"Total {total_s:.0f} s (processes incl. imports). Steps ran in fresh processes; "
+        "peak RSS is VmHWM of the step's process (imports included; `rss_before_step_mb` in bench.json "
+        "is the baseline after imports). See benchmarks/README.md for what each ratio means." + note,
+    ]
+    (out / "bench.md").write_text("\n".join(md) + "\n")
+    print("\n" + table + "\n")
+    print(_machine_text(m))
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+
+
+def report_from_steps(args: argparse.Namespace) -> int:
+    """``--report``: one table from every step result left in ``<out>/steps`` by earlier --keep runs
+    (e.g. a 1M run done step by step); the machine line is the one at assembly time."""
+    results = {}
+    for name in STEPS:
+        path = args.out / "steps" / f"{name}.json"
+        if path.exists():
+            results[name] = {"status": "ok", **json.loads(path.read_text())}
+    if not results:
+        raise SystemExit(f"no step results in {args.out / 'steps'} (was the run made with --keep?)")
+    m = machine()
+    m["loadavg_start"] = m["loadavg_end"] = loadavg()
+    total = sum(r.get("process_wall_s", r["seconds"]) for r in results.values())
+    finished = sorted(r["finished_at"] for r in results.values() if r.get("finished_at"))
+    note = f" Assembled with --report from step results finished {finished[0]} … {finished[-1]}." \
+        if finished else " Assembled with --report from earlier step results."
+    code = {"path": str(args.out / "code"), "note": "the code of each step: see its run's bench.json"}
+    write_report(args, m, list(results), code, "see the publish_pg step", total, results,
+                 build_rows(results), note)
+    return 0
+
+
 def orchestrate(args: argparse.Namespace) -> int:
     out = args.out
     (out / "steps").mkdir(parents=True, exist_ok=True)
@@ -817,34 +875,7 @@ def orchestrate(args: argparse.Namespace) -> int:
                 print(f"could not drop {pg_url}: {exc}", flush=True)
     m["loadavg_end"] = loadavg()
     rows = build_rows(results)
-    table = markdown(rows)
-    report = {
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": m,
-        "args": {"customers": args.customers, "days": args.days, "seed": args.seed, "steps": steps},
-        "code": code,
-        "as_of": (START + dt.timedelta(days=args.days)).isoformat(),
-        "postgresql": pg_why or "ok",
-        "total_s": time.perf_counter() - t_all,
-        "steps": results,
-        "table": rows,
-    }
-    (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
-    md = [
-        f"# offerflow benchmark: {args.customers:,} customers × {args.days} days",
-        "",
-        _machine_text(m),
-        "",
-        table,
-        "",
-        f"Total {report['total_s']:.0f} s (processes incl. imports). Steps ran in fresh processes; "
-        "peak RSS is VmHWM of the step's process (imports included; `rss_before_step_mb` in bench.json "
-        "is the baseline after imports). See benchmarks/README.md for what each ratio means.",
-    ]
-    (out / "bench.md").write_text("\n".join(md) + "\n")
-    print("\n" + table + "\n")
-    print(_machine_text(m))
-    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    write_report(args, m, steps, code, pg_why or "ok", time.perf_counter() - t_all, results, rows)
     if not args.keep:
         _cleanup(out)
     return 0 if all(r.get("status") == "ok" for r in results.values()) else 1
@@ -871,6 +902,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--score-shards", type=int, default=0,
                    help="customer shards scored one after the other (default: one per 250k customers)")
     p.add_argument("--profile", help="cProfile these steps (comma-separated, or 'all') into <out>/logs/")
+    p.add_argument("--report", action="store_true",
+                   help="only rebuild bench.json/bench.md from the step results in <out>/steps")
     p.add_argument("--step", help=argparse.SUPPRESS)  # child side
     p.add_argument("--pg-db-url", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -892,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             traceback.print_exc()
             return 1
-    return orchestrate(args)
+    return report_from_steps(args) if args.report else orchestrate(args)
 
 
 if __name__ == "__main__":
