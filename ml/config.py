@@ -76,6 +76,8 @@ class ModelConfig:
     max_train_customers: int = 200_000
     max_train_rows: int = 2_000_000
     sample_salt: str = "offerflow-training-sample"
+    # DuckDB (the joined shop of ShopIndex) spills to a temporary folder beyond this (DuckDB syntax).
+    duckdb_memory_limit: str = os.environ.get("OFFERFLOW_DUCKDB_MEMORY", "4GB")
     lgb_params: dict = field(default_factory=lambda: {
         "objective": "binary", "learning_rate": 0.05, "num_leaves": 31, "min_data_in_leaf": 50,
         "feature_fraction": 0.9, "bagging_fraction": 0.9, "bagging_freq": 1, "lambda_l2": 1.0,
