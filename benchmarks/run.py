@@ -316,6 +316,7 @@ def step_score(c: Ctx) -> dict:
     models = {t: m for t, (m, _) in champions.items()}
     t1 = time.perf_counter()
     context = FeatureContext.build(shop, c.as_of)
+    context.index.close()  # the joined shop (DuckDB) is not needed once the context is built
     context_s = time.perf_counter() - t1
     per_type = {t: {"rows": 0, "seconds": 0.0} for t in OFFER_TYPES}
     offers_parts, versions, decide_s, limit_rows = [], {}, 0.0, None

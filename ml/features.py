@@ -206,7 +206,7 @@ class ShopIndex:
         # DuckDB aggregate and sort larger-than-memory tables.
         con = duckdb.connect(config={"memory_limit": cfg.duckdb_memory_limit, "temp_directory": self._tmp,
                                      "preserve_insertion_order": False})
-        weakref.finalize(self, _close_duckdb, con, self._tmp)
+        self._finalizer = weakref.finalize(self, _close_duckdb, con, self._tmp)
         self.con = con
         con.register("cust_dim", pd.DataFrame({"customer_id": self.customer_ids,
                                                "cust": np.arange(len(customers), dtype=np.int32)}))
@@ -253,6 +253,16 @@ class ShopIndex:
         for name in ("cust_dim", "prod_dim", "orders_raw", "lines_raw", "offers_raw"):
             con.unregister(name)
 
+    def close(self) -> None:
+        """Drop the joined shop (DuckDB) once every FeatureContext needed is built: scoring then keeps
+        only the codes, the products and the contexts (4 GB less at 1M customers). Labels and new
+        contexts need it; querying a closed index raises."""
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
     def customer_fraction(self) -> np.ndarray:
         """``customer_fraction`` per customer code (config salt): the same customers at every cutoff."""
         if self._fraction is None:
@@ -269,6 +279,8 @@ class ShopIndex:
 
     def query(self, sql: str, params: dict) -> pd.DataFrame:
         """Run SQL with the named parameters it uses (values are always bound, never formatted in)."""
+        if self.closed:
+            raise RuntimeError("this ShopIndex was closed (its DuckDB is gone): build a new one")
         used = set(re.findall(r"\$(\w+)", sql))
         return self.con.execute(sql, {k: v for k, v in params.items() if k in used}).df()
 

@@ -351,3 +351,16 @@ def test_examples_for_a_customer_subset_equal_the_full_rows_of_those_customers(o
     pd.testing.assert_frame_equal(part, full[full["customer_id"].isin(chosen)].reset_index(drop=True))
     with pytest.raises(ValueError, match="entries"):
         build_examples(None, T0, offer_type, context=ctx, customers=keep[:-1])
+
+
+def test_a_closed_index_keeps_its_contexts_and_refuses_queries():
+    index = ShopIndex(BASE)
+    ctx = FeatureContext.build(index, T0)
+    index.close()
+    assert index.closed
+    pd.testing.assert_frame_equal(build_examples(None, T0, "upsell", with_labels=False, context=ctx),
+                                  build_examples(None, T0, "upsell", with_labels=False,
+                                                 context=FeatureContext.build(BASE_INDEX, T0)))
+    with pytest.raises(RuntimeError, match="closed"):
+        FeatureContext.build(index, T0)
+    index.close()  # twice is fine
