@@ -86,7 +86,8 @@ def machine() -> dict:
         info["ram_available_gb_at_start"] = round(mem.get("MemAvailable", 0) / 2**20, 1)
     except (OSError, StopIteration, KeyError):
         pass
-    info["lightgbm_threads"] = int(os.environ.get("OFFERFLOW_THREADS", "1"))
+    info["lightgbm_threads"] = int(os.environ["OFFERFLOW_THREADS"])
+    info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
     return info
 
 
@@ -201,6 +202,7 @@ def step_dataset(c: Ctx) -> dict:
             "positives": int(f["label"].sum()),
             "columns": f.shape[1],
             "memory_mb": round(f.memory_usage(deep=True).sum() / 2**20, 1),
+            "sampling": f.attrs.get("sampling"),
         }
         for t, f in frames.items()
     }
@@ -214,7 +216,8 @@ def step_dataset(c: Ctx) -> dict:
         "types": per_type,
         "peak_rss_mb": peak,
         "handoff_s": time.perf_counter() - t1,
-        "note": "ShopIndex (DuckDB join) + one FeatureContext per cutoff + examples for 3 types",
+        "note": "customer hash-sample (ModelConfig.max_train_customers) → ShopIndex (DuckDB join) + one "
+        "FeatureContext per cutoff + examples for 3 types",
     }
 
 
@@ -254,6 +257,7 @@ def step_train(c: Ctx, offer_type: str) -> dict:
         "fit_rows_per_s": rows / (t2 - t1),
         "best_iteration": fitted.best_iteration,
         "split_rows": fitted.split.n_rows,
+        "sampling": {**fitted.split.sampling, "train_share_final": fitted.split.sampled_customer_share},
         "calibration": fitted.model.calibrator.method,
         "test_roc_auc": gated.metrics.get("roc_auc"),
         "baseline_roc_auc": gated.metrics.get("baseline_roc_auc"),
@@ -267,38 +271,82 @@ def step_train(c: Ctx, offer_type: str) -> dict:
     return result
 
 
+def score_shards(c: Ctx) -> int:
+    """Sequential scoring shards: ``--score-shards``, else one per 250k customers (1 at 100k, 4 at 1M)."""
+    if c.args.score_shards:
+        return max(1, c.args.score_shards)
+    return max(1, -(-c.args.customers // 250_000))
+
+
+def score_part(as_of: dt.date, offer_type: str, model, version: str, context, customers):
+    """``ml.score.score_offer_type`` for one shard, with the shard's customers cut *before* features
+    are gathered (``build_examples(customers=...)``); score_offer_type builds every customer's examples
+    and then filters, which at 1M held a whole type's examples per shard (the score step passed 14 GB).
+    The same rows and columns (tests/test_features.py); proposed for score_offer_type itself."""
+    import numpy as np
+
+    from ml.dataset import build_examples
+    from ml.score import KEY_COLUMNS
+
+    examples = build_examples(None, as_of, offer_type, with_labels=False, context=context,
+                              customers=customers)
+    features = list(model.feature_names)
+    out = examples[KEY_COLUMNS + [c for c in features if c not in KEY_COLUMNS]].reset_index(drop=True)
+    out["propensity"] = model.predict(None, examples[features]) if len(examples) else np.array([], float)
+    out["model_version"] = f"offerflow-{offer_type}/{version}"
+    return out
+
+
 def step_score(c: Ctx) -> dict:
+    """FeatureContext once, then per customer shard (``ml.score.shard_of``, as the DAG maps them):
+    score the three types and decide; only the shard's offers are kept. The policy is per customer,
+    so the union of the shards' offers is the unsharded decision (tests/test_sharding.py)."""
     import bench_score
+    import pandas as pd
 
     from ml.features import FeatureContext
     from ml.registry import load_champion
-    from ml.score import decide, score_offer_type
+    from ml.score import decide, shard_of
 
     shop = c.load_shop()
+    n_shards = score_shards(c)
     t0 = time.perf_counter()
     champions = {t: load_champion(t) for t in OFFER_TYPES}
     load_s = time.perf_counter() - t0
     models = {t: m for t, (m, _) in champions.items()}
     t1 = time.perf_counter()
     context = FeatureContext.build(shop, c.as_of)
+    context.index.close()  # the joined shop (DuckDB) is not needed once the context is built
     context_s = time.perf_counter() - t1
-    scored, per_type = {}, {}
-    for t, (model, version) in champions.items():
-        ts = time.perf_counter()
-        scored[t] = score_offer_type(shop, c.as_of, t, model, version, context=context)
-        per_type[t] = {"rows": len(scored[t]), "seconds": time.perf_counter() - ts}
-    td = time.perf_counter()
+    per_type = {t: {"rows": 0, "seconds": 0.0} for t in OFFER_TYPES}
+    offers_parts, versions, decide_s, limit_rows = [], {}, 0.0, None
     with bench_score.ReasonProbe(models) as probe:  # times contributions + reason_codes inside decide
-        decision = decide(scored, models, shop, c.as_of)
-    decide_s = time.perf_counter() - td
+        codes = shard_of(context.index.customer_ids, n_shards)
+        for shard in range(n_shards):
+            mine = codes == shard if n_shards > 1 else None
+            scored = {}
+            for t, (model, version) in champions.items():
+                ts = time.perf_counter()
+                scored[t] = score_part(c.as_of, t, model, version, context, mine)
+                per_type[t]["rows"] += len(scored[t])
+                per_type[t]["seconds"] += time.perf_counter() - ts
+            td = time.perf_counter()
+            decision = decide(scored, models, shop, c.as_of)
+            decide_s += time.perf_counter() - td
+            offers_parts.append(decision.offers)
+            versions.update(decision.model_versions)
+            if shard == 0:
+                limit_rows = scored  # the limits run on shard 0's rows, after the peak was read
+            del scored, decision
     e2e = time.perf_counter() - t1
     peak = proc_status_mb("VmHWM")
-    rows = sum(len(s) for s in scored.values())
-    offers = decision.offers
+    del context
+    rows = sum(v["rows"] for v in per_type.values())
+    offers = pd.concat(offers_parts, ignore_index=True) if n_shards > 1 else offers_parts[0]
     offers.to_parquet(c.out / "offers.parquet", index=False)
-    c.update(model_versions=decision.model_versions)
+    c.update(model_versions=versions)
     # Limits on the same rows, in the same process (after the step's peak was read).
-    predict = bench_score.predict_limits(models, scored)
+    predict = bench_score.predict_limits(models, limit_rows)
     reasons = probe.result()
     examples_s = sum(v["seconds"] for v in per_type.values())
     return {
@@ -306,6 +354,7 @@ def step_score(c: Ctx) -> dict:
         "rows": rows,
         "unit": "candidates scored",
         "peak_rss_mb": peak,
+        "shards": n_shards,
         "load_champions_s": load_s,
         "feature_context_s": context_s,
         "score_offer_type": per_type,
@@ -316,8 +365,9 @@ def step_score(c: Ctx) -> dict:
         "control_rows": int(offers["is_control"].sum()),
         "predict": predict,
         "reasons": reasons,
-        "note": "seconds = FeatureContext.build + score_offer_type x3 (candidates, examples, predict_proba) "
-        "+ decide (policy, arbitration, reason codes); champion loading excluded",
+        "note": "seconds = FeatureContext.build + per shard (score_part x3: candidates, examples, "
+        "predict_proba; decide: policy, arbitration, reason codes); champion loading excluded; predict "
+        "limits on shard 0's rows",
     }
 
 
@@ -552,6 +602,8 @@ def _child(name: str, args: argparse.Namespace, pg_db_url: str | None) -> dict:
         str(args.days),
         "--seed",
         str(args.seed),
+        "--score-shards",
+        str(args.score_shards or 0),
     ]
     if pg_db_url:
         cmd += ["--pg-db-url", pg_db_url]
@@ -581,8 +633,10 @@ def _child(name: str, args: argparse.Namespace, pg_db_url: str | None) -> dict:
             "process_wall_s": wall,
             "process_maxrss_mb": usage.ru_maxrss / 1024,
             "process_cpu_s": usage.ru_utime + usage.ru_stime,
+            "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
     )
+    res_path.write_text(json.dumps(result, indent=1, default=str))  # for --report
     return result
 
 
@@ -621,6 +675,8 @@ def build_rows(results: dict) -> list[dict]:
                     f"e2e (incl. FeatureContext) {r['rows_per_s'] / p['raw_rows_per_s']:.3f} of raw predict; "
                     f"predict path {p['ratio']:.2f}"
                 )
+            if r.get("shards", 1) > 1:
+                ratio += f"; {r['shards']} shards in sequence"
         elif name == "publish_pg" and "raw_copy_s" in r:
             ratio = (
                 f"{r['ratio_full_vs_raw_copy']:.2f} of raw COPY "
@@ -646,7 +702,9 @@ def build_rows(results: dict) -> list[dict]:
                                  f"{p['ratio']:.2f} of raw predict",
                                  rows_per_s=p["predict_proba_rows_per_s"]))
                 rows.append(_row("  limit: raw Booster.predict", p["raw_booster_predict_s"], p["rows"],
-                                 "limit (float64 numpy, best_iteration)", rows_per_s=p["raw_rows_per_s"]))
+                                 "limit (float64 numpy, best_iteration)"
+                                 + ("; shard 0's rows" if r.get("shards", 1) > 1 else ""),
+                                 rows_per_s=p["raw_rows_per_s"]))
             if rc.get("rows"):
                 rows.append(_row("  ↳ reason codes (contrib + phrases)", rc["seconds"], rc["rows"],
                                  f"{rc['seconds'] / r['seconds']:.1%} of scoring time "
@@ -682,7 +740,8 @@ def markdown(rows: list[dict]) -> str:
 def _machine_text(m: dict) -> str:
     return (
         f"machine: {m.get('cpu_model', '?')}, nproc {m['nproc']} (usable {m['usable_cpus']}), "
-        f"RAM {m.get('ram_gb', '?')} GB; LightGBM threads {m['lightgbm_threads']}; Python {m['python']}; "
+        f"RAM {m.get('ram_gb', '?')} GB; LightGBM threads {m['lightgbm_threads']} "
+        f"(OMP_WAIT_POLICY {m.get('omp_wait_policy') or 'unset'}); Python {m['python']}; "
         f"load average at start {m['loadavg_start']}, at end {m.get('loadavg_end')}"
     )
 
@@ -745,6 +804,62 @@ def snapshot_code(out: Path, refresh: bool) -> dict:
     }
 
 
+def write_report(args: argparse.Namespace, m: dict, steps: list[str], code: dict, postgresql: str,
+                 total_s: float, results: dict, rows: list[dict], note: str = "") -> None:
+    """bench.json, bench.md and the table on stdout."""
+    out = args.out
+    table = markdown(rows)
+    report = {
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": m,
+        "args": {"customers": args.customers, "days": args.days, "seed": args.seed, "steps": steps},
+        "code": code,
+        "as_of": (START + dt.timedelta(days=args.days)).isoformat(),
+        "postgresql": postgresql,
+        "total_s": total_s,
+        "steps": results,
+        "table": rows,
+    }
+    (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
+    md = [
+        f"# offerflow benchmark: {args.customers:,} customers × {args.days} days",
+        "",
+        _machine_text(m),
+        "",
+        table,
+        "",
+        f"Total {total_s:.0f} s (processes incl. imports). Steps ran in fresh processes; "
+        "peak RSS is VmHWM of the step's process (imports included; `rss_before_step_mb` in bench.json "
+        "is the baseline after imports). See benchmarks/README.md for what each ratio means." + note,
+    ]
+    (out / "bench.md").write_text("\n".join(md) + "\n")
+    print("\n" + table + "\n")
+    print(_machine_text(m))
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+
+
+def report_from_steps(args: argparse.Namespace) -> int:
+    """``--report``: one table from every step result left in ``<out>/steps`` by earlier --keep runs
+    (e.g. a 1M run done step by step); the machine line is the one at assembly time."""
+    results = {}
+    for name in STEPS:
+        path = args.out / "steps" / f"{name}.json"
+        if path.exists():
+            results[name] = {"status": "ok", **json.loads(path.read_text())}
+    if not results:
+        raise SystemExit(f"no step results in {args.out / 'steps'} (was the run made with --keep?)")
+    m = machine()
+    m["loadavg_start"] = m["loadavg_end"] = loadavg()
+    total = sum(r.get("process_wall_s", r["seconds"]) for r in results.values())
+    finished = sorted(r["finished_at"] for r in results.values() if r.get("finished_at"))
+    note = f" Assembled with --report from step results finished {finished[0]} … {finished[-1]}." \
+        if finished else " Assembled with --report from earlier step results."
+    code = {"path": str(args.out / "code"), "note": "the code of each step: see its run's bench.json"}
+    write_report(args, m, list(results), code, "see the publish_pg step", total, results,
+                 build_rows(results), note)
+    return 0
+
+
 def orchestrate(args: argparse.Namespace) -> int:
     out = args.out
     (out / "steps").mkdir(parents=True, exist_ok=True)
@@ -799,34 +914,7 @@ def orchestrate(args: argparse.Namespace) -> int:
                 print(f"could not drop {pg_url}: {exc}", flush=True)
     m["loadavg_end"] = loadavg()
     rows = build_rows(results)
-    table = markdown(rows)
-    report = {
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": m,
-        "args": {"customers": args.customers, "days": args.days, "seed": args.seed, "steps": steps},
-        "code": code,
-        "as_of": (START + dt.timedelta(days=args.days)).isoformat(),
-        "postgresql": pg_why or "ok",
-        "total_s": time.perf_counter() - t_all,
-        "steps": results,
-        "table": rows,
-    }
-    (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
-    md = [
-        f"# offerflow benchmark: {args.customers:,} customers × {args.days} days",
-        "",
-        _machine_text(m),
-        "",
-        table,
-        "",
-        f"Total {report['total_s']:.0f} s (processes incl. imports). Steps ran in fresh processes; "
-        "peak RSS is VmHWM of the step's process (imports included; `rss_before_step_mb` in bench.json "
-        "is the baseline after imports). See benchmarks/README.md for what each ratio means.",
-    ]
-    (out / "bench.md").write_text("\n".join(md) + "\n")
-    print("\n" + table + "\n")
-    print(_machine_text(m))
-    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    write_report(args, m, steps, code, pg_why or "ok", time.perf_counter() - t_all, results, rows)
     if not args.keep:
         _cleanup(out)
     return 0 if all(r.get("status") == "ok" for r in results.values()) else 1
@@ -850,7 +938,11 @@ def main(argv: list[str] | None = None) -> int:
         help="admin URL of PostgreSQL (a scratch database is created and dropped)",
     )
     p.add_argument("--no-pg", action="store_true", help="skip the PostgreSQL publish")
+    p.add_argument("--score-shards", type=int, default=0,
+                   help="customer shards scored one after the other (default: one per 250k customers)")
     p.add_argument("--profile", help="cProfile these steps (comma-separated, or 'all') into <out>/logs/")
+    p.add_argument("--report", action="store_true",
+                   help="only rebuild bench.json/bench.md from the step results in <out>/steps")
     p.add_argument("--step", help=argparse.SUPPRESS)  # child side
     p.add_argument("--pg-db-url", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -859,6 +951,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["OFFERFLOW_HOME"] = str(args.out)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{args.out / 'mlflow.db'}"
     os.environ.pop("OFFERFLOW_CRM_URL", None)
+    # LightGBM threads: every usable CPU unless OFFERFLOW_THREADS says otherwise (the library default
+    # stays 1, for Airflow workers running several tasks side by side).
+    os.environ.setdefault("OFFERFLOW_THREADS", str(len(os.sched_getaffinity(0))))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as ml/__init__.py does, whatever imports first
     # Children import ml from the code snapshot the parent took (OFFERFLOW_BENCH_CODE), so every step
     # of one run uses the same code even while others edit the tree.
     sys.path[:0] = [str(Path(__file__).resolve().parent), os.environ.get("OFFERFLOW_BENCH_CODE", str(ROOT))]
@@ -868,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             traceback.print_exc()
             return 1
-    return orchestrate(args)
+    return report_from_steps(args) if args.report else orchestrate(args)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,14 @@ class ModelConfig:
     use_age_band: bool = False  # an age band may be a feature only when allowed
     seed: int = 42
     num_threads: int = int(os.environ.get("OFFERFLOW_THREADS", "1"))
-    max_train_rows: int = 2_000_000  # sample customers beyond this, logged to MLflow
+    # Training at scale (logged to MLflow): a shop with more customers than max_train_customers builds
+    # its training set from a stable hash-sample of that many (before any feature is computed, so time
+    # and memory follow the sample); training cutoffs beyond max_train_rows keep a nested sub-sample.
+    max_train_customers: int = 200_000
+    max_train_rows: int = 2_000_000
+    sample_salt: str = "offerflow-training-sample"
+    # DuckDB (the joined shop of ShopIndex) spills to a temporary folder beyond this (DuckDB syntax).
+    duckdb_memory_limit: str = os.environ.get("OFFERFLOW_DUCKDB_MEMORY", "4GB")
     lgb_params: dict = field(default_factory=lambda: {
         "objective": "binary", "learning_rate": 0.05, "num_leaves": 31, "min_data_in_leaf": 50,
         "feature_fraction": 0.9, "bagging_fraction": 0.9, "bagging_freq": 1, "lambda_l2": 1.0,

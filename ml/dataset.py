@@ -75,7 +75,7 @@ def _gather(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def build_examples(shop: Shop | None, cutoff: dt.date, offer_type: str, *, with_labels: bool = True,
                    cfg: ModelConfig = MODEL, context: FeatureContext | None = None,
-                   sample_share: float = 1.0) -> pd.DataFrame:
+                   sample_share: float = 1.0, customers: np.ndarray | None = None) -> pd.DataFrame:
     """One row per candidate (customer, category) as of `cutoff`. Columns: customer_id, category,
     product_id (the offered product), cutoff (datetime.date), offer_type, segment (str), at_risk (bool),
     margin (float, per unit of the offered product), popularity (float: the popularity baseline's score
@@ -83,8 +83,11 @@ def build_examples(shop: Shop | None, cutoff: dt.date, offer_type: str, *, with_
 
     `shop` is the FULL shop: features read only rows strictly before `cutoff`; labels read only
     [cutoff, cutoff + H). Pass `context` (``FeatureContext.build(shop, cutoff)``) to share the
-    aggregates between offer types; `shop` may then be None. `sample_share` < 1 keeps a stable
-    hash-sample of customers (the same ones at every cutoff; training memory at scale).
+    aggregates between offer types; `shop` may then be None. `sample_share` < 1 keeps the customers
+    whose ``customer_fraction`` (config salt) is below it: the same ones at every cutoff, nested in
+    the customer sample of the index. `customers` (bool per customer code of the context's index, e.g.
+    one scoring shard) keeps only those customers' candidates before any feature is gathered, so a
+    shard costs memory in proportion to its size; its rows equal those of the full call.
 
     Popularity baseline (non-personal): cross_sell → share of the shop's 90-day active customers who
     bought the category in the 90 days before T; upsell/downsell → share of the category's 90-day
@@ -103,7 +106,12 @@ def build_examples(shop: Shop | None, cutoff: dt.date, offer_type: str, *, with_
     cand = candidates_for(ctx, offer_type, cfg)
     order = np.lexsort((cand.cat, cand.cust))
     if sample_share < 1.0:
-        order = order[index.customer_fraction(cfg.seed)[cand.cust[order]] < sample_share]
+        order = order[index.customer_fraction()[cand.cust[order]] < sample_share]
+    if customers is not None:
+        keep = np.asarray(customers, dtype=bool)
+        if len(keep) != index.n_customers:
+            raise ValueError(f"customers has {len(keep)} entries, the index {index.n_customers} customers")
+        order = order[keep[cand.cust[order]]]
     cust, cat, pcode, tier, rows = (a[order] for a in (cand.cust, cand.cat, cand.pcode, cand.offer_tier,
                                                         cand.cc_row))
     c = ctx.cust
@@ -182,32 +190,55 @@ def build_examples(shop: Shop | None, cutoff: dt.date, offer_type: str, *, with_
     return frame
 
 
+def customer_sample(n_customers: int, cfg: ModelConfig = MODEL) -> float:
+    """The share of customers the training set is built on: all up to cfg.max_train_customers."""
+    return min(1.0, cfg.max_train_customers / n_customers) if n_customers else 1.0
+
+
 def build_training_sets(shop: Shop, as_of: dt.date, offer_types: Iterable[str] = OFFER_TYPES,
                         cfg: ModelConfig = MODEL, index: ShopIndex | None = None) -> dict[str, pd.DataFrame]:
     """build_examples for every cutoff and several offer types, sharing the join and the aggregates.
 
-    Newest cutoff first: the test cutoff's row count tells how many rows the training cutoffs would
-    give; when that exceeds cfg.max_train_rows, training cutoffs keep a stable hash-sample of
-    customers (validation and test stay complete), so 1M customers fit in memory.
+    Two nested, logged hash-samples of customers (``customer_fraction``: the same customers on every
+    run and machine, whole customers only) keep 1M customers within one machine's time and memory:
+    1. beyond cfg.max_train_customers, the index (join, aggregates, labels) holds a sample only, built
+       before any feature is computed (a given ``index`` is used as it is);
+    2. newest cutoff first: the test cutoff's row count tells how many rows the training cutoffs would
+       give; beyond cfg.max_train_rows, training cutoffs keep a smaller sample of the same customers
+       (validation and test stay complete).
+    Each frame's ``attrs["sampling"]`` says what was kept (``ml.train`` logs it to MLflow).
     """
     types = list(offer_types)
-    index = index if index is not None else ShopIndex(shop, cfg)
+    if index is None:
+        with step("join the shop") as info:
+            index = ShopIndex(shop, cfg, customer_share=customer_sample(len(shop.customers), cfg))
+            info["detail"] = (f"{index.n_customers:,} of {index.population:,} customers "
+                              f"(hash-sample share {index.customer_share:.4f}, salt {cfg.sample_salt!r})")
+    sampling = {"population_customers": index.population, "sample_customers": index.n_customers,
+                "customer_share": index.customer_share, "salt": cfg.sample_salt,
+                "max_train_customers": cfg.max_train_customers, "max_train_rows": cfg.max_train_rows}
+    base_share = index.customer_share
     cutoffs = cutoffs_for(as_of, cfg)
     parts: dict[str, dict[dt.date, pd.DataFrame]] = {t: {} for t in types}
-    share = dict.fromkeys(types, 1.0)
+    share = dict.fromkeys(types, 1.0)  # of the index's customers, at training cutoffs
     for cutoff in reversed(cutoffs):
         with step(f"examples as of {cutoff}") as info:
             ctx = FeatureContext.build(index, cutoff, cfg)
             training = cutoff < cutoffs[-2]
             for t in types:
                 parts[t][cutoff] = build_examples(None, cutoff, t, cfg=cfg, context=ctx,
-                                                  sample_share=share[t] if training else 1.0)
+                                                  sample_share=base_share * share[t] if training else 1.0)
                 if cutoff == cutoffs[-1]:
                     expected = len(parts[t][cutoff]) * (len(cutoffs) - 2)
                     share[t] = min(1.0, cfg.max_train_rows / max(expected, 1))
             info["detail"] = ", ".join(f"{t}: {len(parts[t][cutoff]):,} rows" for t in types)
             del ctx
-    return {t: pd.concat([p[c] for c in cutoffs], ignore_index=True) for t, p in parts.items()}
+    frames = {}
+    for t in types:  # one type at a time: the parts are freed as soon as their type is concatenated
+        frames[t] = pd.concat([parts[t].pop(c) for c in cutoffs], ignore_index=True)
+        frames[t].attrs["sampling"] = {**sampling, "train_cutoff_share": share[t],
+                                       "train_customer_share": base_share * share[t]}
+    return frames
 
 
 def build_training_set(shop: Shop, as_of: dt.date, offer_type: str, cfg: ModelConfig = MODEL,

@@ -17,7 +17,11 @@ similarity) in float32.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass
 
 import duckdb
@@ -128,6 +132,22 @@ _CHUNK = 262_144
 _TIER_COUNTS = ", ".join(f"count(*) FILTER (WHERE tier = {i}) AS t{i}" for i in range(N_TIERS))
 
 
+def customer_fraction(customer_ids: pd.Series | pd.Index, salt: str) -> np.ndarray:
+    """A number in [0, 1) per customer id, the same on every machine and run for the same salt.
+
+    Samples are "fraction < share": nested (a smaller share keeps a subset of a larger one), whole
+    customers (all their rows or none) and independent of row order and shop size.
+    """
+    key = hashlib.blake2b(salt.encode(), digest_size=8).hexdigest()  # pandas wants a 16-character key
+    h = pd.util.hash_pandas_object(pd.Series(customer_ids, dtype="string"), index=False, hash_key=key)
+    return (h.to_numpy() >> np.uint64(11)).astype("float64") / float(1 << 53)
+
+
+def _close_duckdb(con: duckdb.DuckDBPyConnection, folder: str) -> None:
+    con.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def cutoff_ts(d: dt.date | dt.datetime | pd.Timestamp) -> dt.datetime:
     """A cutoff as a naive UTC midnight datetime (DuckDB binds it as TIMESTAMP)."""
     return pd.Timestamp(d).tz_localize(None).normalize().to_pydatetime() if pd.Timestamp(d).tzinfo \
@@ -140,11 +160,24 @@ class ShopIndex:
     Customers are coded by their row in ``customers``, categories in sorted order, products by
     their row in ``products``. Orders of unknown customers and lines of unknown orders or products
     are dropped (the quality gate rejects them before this runs).
+
+    ``customer_share`` < 1 keeps only the customers whose ``customer_fraction`` (config salt) is
+    below it, with their orders, lines and offers: a training sample then costs what its size costs,
+    not what the shop costs. Shop-level statistics (lift, bands, category shares, best products) are
+    then estimated on the sample; ``population`` keeps the shop's customer count.
     """
 
-    def __init__(self, shop: Shop, cfg: ModelConfig = MODEL):
+    def __init__(self, shop: Shop, cfg: ModelConfig = MODEL, customer_share: float = 1.0):
         self.cfg = cfg
+        self.customer_share = min(float(customer_share), 1.0)
+        self.population = len(shop.customers)
         customers = shop.customers.reset_index(drop=True)
+        self._fraction: np.ndarray | None = None
+        if self.customer_share < 1.0:
+            fraction = customer_fraction(customers["customer_id"], cfg.sample_salt)
+            keep = fraction < self.customer_share
+            customers = customers[keep].reset_index(drop=True)
+            self._fraction = fraction[keep]
         self.customer_ids = customers["customer_id"].astype("string").reset_index(drop=True)
         self.signup = customers["signup_date"].to_numpy(dtype="datetime64[us]")
         self.birth_year = customers["birth_year"].astype("float64").to_numpy(na_value=np.nan)
@@ -165,7 +198,15 @@ class ShopIndex:
         self.top_tier = np.zeros(len(self.categories), dtype=np.int8)
         np.maximum.at(self.top_tier, self.products["cat"].to_numpy(), self.products["tier"].to_numpy())
 
-        con = duckdb.connect()
+        # A bounded DuckDB: beyond cfg.duckdb_memory_limit its tables and sorts spill to a private
+        # temporary folder (at 1M customers the joined shop is ~8 GB; without a limit the join and its
+        # sorts peaked at 16 GB besides the pandas shop). Small shops never reach the limit.
+        self._tmp = tempfile.mkdtemp(prefix="offerflow-duckdb-")
+        # Results are never read in insertion order (every consumer keys or sorts them), which lets
+        # DuckDB aggregate and sort larger-than-memory tables.
+        con = duckdb.connect(config={"memory_limit": cfg.duckdb_memory_limit, "temp_directory": self._tmp,
+                                     "preserve_insertion_order": False})
+        self._finalizer = weakref.finalize(self, _close_duckdb, con, self._tmp)
         self.con = con
         con.register("cust_dim", pd.DataFrame({"customer_id": self.customer_ids,
                                                "cust": np.arange(len(customers), dtype=np.int32)}))
@@ -195,7 +236,7 @@ class ShopIndex:
             SELECT cust, cat, ocode, min(ts) AS ts, count(*) AS n_lines, sum(amount) AS spend,
                    sum(unit_price) AS price_sum, {_TIER_COUNTS},
                    count(*) FILTER (WHERE unit_price < list_price) AS below_list
-            FROM lines GROUP BY cust, cat, ocode ORDER BY ts""")  # noqa: S608 - constants only
+            FROM lines GROUP BY cust, cat, ocode""")  # noqa: S608 - constants only
         con.execute("""
             CREATE TABLE cat_days AS
             WITH d AS (SELECT DISTINCT cust, cat, CAST(ts AS DATE) AS day FROM lines)
@@ -212,10 +253,21 @@ class ShopIndex:
         for name in ("cust_dim", "prod_dim", "orders_raw", "lines_raw", "offers_raw"):
             con.unregister(name)
 
-    def customer_fraction(self, seed: int) -> np.ndarray:
-        """A stable number in [0, 1) per customer: the same customers are sampled at every cutoff."""
-        h = pd.util.hash_pandas_object(self.customer_ids, index=False, hash_key=f"of{seed % 10**14:014d}")
-        return (h.to_numpy() >> np.uint64(11)).astype("float64") / float(1 << 53)
+    def close(self) -> None:
+        """Drop the joined shop (DuckDB) once every FeatureContext needed is built: scoring then keeps
+        only the codes, the products and the contexts (4 GB less at 1M customers). Labels and new
+        contexts need it; querying a closed index raises."""
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def customer_fraction(self) -> np.ndarray:
+        """``customer_fraction`` per customer code (config salt): the same customers at every cutoff."""
+        if self._fraction is None:
+            self._fraction = customer_fraction(self.customer_ids, self.cfg.sample_salt)
+        return self._fraction
 
     @property
     def n_customers(self) -> int:
@@ -227,6 +279,8 @@ class ShopIndex:
 
     def query(self, sql: str, params: dict) -> pd.DataFrame:
         """Run SQL with the named parameters it uses (values are always bound, never formatted in)."""
+        if self.closed:
+            raise RuntimeError("this ShopIndex was closed (its DuckDB is gone): build a new one")
         used = set(re.findall(r"\$(\w+)", sql))
         return self.con.execute(sql, {k: v for k, v in params.items() if k in used}).df()
 

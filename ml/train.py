@@ -38,7 +38,8 @@ class Split:
     test_cutoff: str
     n_rows: dict[str, int]
     n_positive: dict[str, int]
-    sampled_customer_share: float = 1.0
+    sampled_customer_share: float = 1.0  # of the shop's customers, at training cutoffs
+    sampling: dict = field(default_factory=dict)  # the training set's attrs["sampling"] (ml.dataset)
 
 
 @dataclass
@@ -107,39 +108,44 @@ def categorical_features(frame: pd.DataFrame, features: list[str]) -> list[str]:
             isinstance(frame[c].dtype, pd.CategoricalDtype)]
 
 
-def _customer_hash(customer_id: pd.Series, seed: int) -> np.ndarray:
-    """Uniform in [0, 1) per customer, stable across runs and machines."""
-    key = f"{seed:016d}"[-16:]
-    h = pd.util.hash_pandas_object(customer_id.astype("string"), index=False, hash_key=key).to_numpy()
-    return (h % np.uint64(1_000_000)).astype("float64") / 1_000_000
-
-
 def split_by_cutoff(frame: pd.DataFrame, cfg: ModelConfig = MODEL
                     ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, Split]:
-    """TRAIN < VALIDATION < TEST by cutoff; customers are sampled in TRAIN only when it exceeds the cap."""
+    """TRAIN < VALIDATION < TEST by cutoff; customers are sampled in TRAIN only when it exceeds the cap.
+
+    The frame's ``attrs["sampling"]`` (``ml.dataset.build_training_sets``) says which share of the
+    shop's customers it already holds; a further cut uses the same customer hash, so the logged share
+    stays the share of the shop's customers whatever sampled where.
+    """
+    from ml.features import customer_fraction
+
+    sampling = dict(frame.attrs.get("sampling") or {})
     cutoffs = sorted(pd.to_datetime(frame["cutoff"]).unique())
     if len(cutoffs) < 3:
         raise ValueError(f"need at least 3 cutoffs (train, validation, test), the frame has {len(cutoffs)}")
     c = pd.to_datetime(frame["cutoff"])
     train, valid, test = frame[c < cutoffs[-2]], frame[c == cutoffs[-2]], frame[c == cutoffs[-1]]
-    share = 1.0
+    share = float(sampling.get("train_customer_share", 1.0))
     if len(train) > cfg.max_train_rows:
-        share = cfg.max_train_rows / len(train)
-        train = train[_customer_hash(train["customer_id"], cfg.seed) < share]
-        log.info("training rows %s > max_train_rows %s: kept %.1f%% of customers (%s rows)",
-                 f"{int((c < cutoffs[-2]).sum()):,}", f"{cfg.max_train_rows:,}", 100 * share,
-                 f"{len(train):,}")
+        n_before = len(train)
+        share *= cfg.max_train_rows / n_before
+        train = train[customer_fraction(train["customer_id"], cfg.sample_salt) < share]
+        log.info("training rows %s > max_train_rows %s: kept customers with hash fraction < %.4f (%s rows)",
+                 f"{n_before:,}", f"{cfg.max_train_rows:,}", share, f"{len(train):,}")
     parts = {"train": train, "valid": valid, "test": test}
     split = Split([pd.Timestamp(x).date().isoformat() for x in cutoffs[:-2]],
                   pd.Timestamp(cutoffs[-2]).date().isoformat(), pd.Timestamp(cutoffs[-1]).date().isoformat(),
                   {k: len(v) for k, v in parts.items()},
-                  {k: int(v["label"].sum()) for k, v in parts.items()}, share)
+                  {k: int(v["label"].sum()) for k, v in parts.items()}, share, sampling)
     return train, valid, test, split
 
 
 def lgb_params(cfg: ModelConfig = MODEL) -> dict:
-    """Config params plus fixed seeds and threads: the same data gives the same model, bit for bit."""
-    return {**cfg.lgb_params, "metric": ["binary_logloss", "auc"], "seed": cfg.seed,
+    """Config params plus fixed seeds and threads: the same data gives the same model, bit for bit.
+
+    The validation metric is log loss only: early stopping reads it alone, and LightGBM's per-round
+    AUC (a sort of the validation scores every round) cost up to a minute at 1M customers for nothing.
+    """
+    return {**cfg.lgb_params, "metric": ["binary_logloss"], "seed": cfg.seed,
             "bagging_seed": cfg.seed, "feature_fraction_seed": cfg.seed, "data_random_seed": cfg.seed,
             "num_threads": cfg.num_threads, "deterministic": True, "verbose": -1}
 
@@ -237,6 +243,10 @@ def track(fit_result: FitResult, as_of: dt.date, data_fingerprint: str, quality:
         "valid_cutoff": s.valid_cutoff, "test_cutoff": s.test_cutoff, "num_boost_round": cfg.num_boost_round,
         "early_stopping_rounds": cfg.early_stopping_rounds, "data_fingerprint": data_fingerprint,
         "sampled_customer_share": round(s.sampled_customer_share, 6), "max_train_rows": cfg.max_train_rows,
+        "max_train_customers": cfg.max_train_customers, "sample_salt": cfg.sample_salt,
+        "sample_population_customers": s.sampling.get("population_customers", "unknown"),
+        "sample_customers": s.sampling.get("sample_customers", "unknown"),
+        "sample_customer_share": round(float(s.sampling.get("customer_share", 1.0)), 6),
         "calibration": model.calibrator.method, "n_features": len(model.features),
         "categorical_features": ",".join(model.vocabularies) or "-",
         **{f"n_rows_{k}": v for k, v in s.n_rows.items()},
@@ -257,6 +267,8 @@ def track(fit_result: FitResult, as_of: dt.date, data_fingerprint: str, quality:
             plt.close(fig)
         mlflow.log_dict(importance.to_dict(orient="list"), "tables/feature_importance.json")
         mlflow.log_dict(model.reference, "reference/training_reference.json")
+        mlflow.log_dict({**s.sampling, "train_customer_share_final": s.sampled_customer_share,
+                         "n_rows": s.n_rows}, "data/sampling.json")
         mlflow.log_dict({"method": model.calibrator.method, "cv_log_loss": fit_result.calibration_scores,
                          "valid_log_loss": fit_result.valid_log_loss}, "calibration.json")
         if quality is not None:

@@ -16,7 +16,7 @@ from tinyshop import T0, day, make_shop, random_shop
 from ml.config import MODEL
 from ml.contract import OFFER_TYPES, PERSONAL_COLUMNS, Shop
 from ml.dataset import CATEGORICAL_FEATURES, build_examples, build_training_sets, cutoffs_for, feature_columns
-from ml.features import FEATURE_DOCS, FeatureContext, ShopIndex
+from ml.features import FEATURE_DOCS, FeatureContext, ShopIndex, customer_fraction
 from ml.tiers import price_tiers, product_margins
 
 # ---------------------------------------------------------------------------- leakage
@@ -305,3 +305,62 @@ def test_training_cutoffs_sample_customers_past_the_row_cap():
     assert later & both == kept & both
     pd.testing.assert_frame_equal(frame[frame["cutoff"] == cuts[-1]].reset_index(drop=True),
                                   full_at(cuts[-1]))
+
+
+def test_large_shops_build_the_training_set_on_a_logged_customer_sample():
+    as_of = T0 + dt.timedelta(days=56)
+    cfg = dataclasses.replace(MODEL, n_cutoffs=4, max_train_customers=20)
+    frames = build_training_sets(BASE, as_of, ["cross_sell", "upsell"], cfg=cfg)
+    ids = BASE.customers["customer_id"].astype("string")
+    expected = set(ids[customer_fraction(ids, cfg.sample_salt) < 20 / 40])
+    assert 0 < len(expected) < 40
+    for frame in frames.values():
+        s = frame.attrs["sampling"]
+        assert s["population_customers"] == 40 and s["sample_customers"] == len(expected)
+        assert s["customer_share"] == pytest.approx(0.5) and s["salt"] == cfg.sample_salt
+        assert set(frame["customer_id"]) <= expected  # nobody outside the sample, at any cutoff
+    # The sample is drawn before any feature: the examples equal those of a shop holding only the
+    # sampled customers (features of the sampled customers never read the others' rows).
+    small = Shop({**BASE.tables,
+                  "customers": BASE.customers[ids.isin(expected).to_numpy()],
+                  "orders": BASE.orders[BASE.orders["customer_id"].isin(expected)],
+                  "offer_history": BASE.offer_history[BASE.offer_history["customer_id"].isin(expected)]})
+    small = Shop({**small.tables, "order_lines": BASE.order_lines[
+        BASE.order_lines["order_id"].isin(small.orders["order_id"])]})
+    everyone = dataclasses.replace(cfg, max_train_customers=10**6)
+    direct = build_training_sets(small, as_of, ["upsell"], everyone)["upsell"]
+    pd.testing.assert_frame_equal(frames["upsell"], direct)
+    # nested: a sampled cut of the training cutoffs keeps a subset of the same customers
+    capped = build_training_sets(BASE, as_of, ["upsell"], cfg=dataclasses.replace(cfg, max_train_rows=10))
+    s = capped["upsell"].attrs["sampling"]
+    assert s["train_customer_share"] < s["customer_share"]
+    train = capped["upsell"][capped["upsell"]["cutoff"] < cutoffs_for(as_of, cfg)[-2]]
+    assert set(train["customer_id"]) <= {c for c in expected
+                                         if customer_fraction(pd.Series([c]), cfg.sample_salt)[0]
+                                         < s["train_customer_share"]}
+
+
+@pytest.mark.parametrize("offer_type", OFFER_TYPES)
+def test_examples_for_a_customer_subset_equal_the_full_rows_of_those_customers(offer_type):
+    ctx = FeatureContext.build(BASE_INDEX, T0)
+    full = build_examples(None, T0, offer_type, context=ctx)
+    keep = np.arange(BASE_INDEX.n_customers) % 3 == 1  # e.g. one scoring shard
+    part = build_examples(None, T0, offer_type, context=ctx, customers=keep)
+    chosen = set(BASE_INDEX.customer_ids[keep])
+    assert 0 < len(part) < len(full)
+    pd.testing.assert_frame_equal(part, full[full["customer_id"].isin(chosen)].reset_index(drop=True))
+    with pytest.raises(ValueError, match="entries"):
+        build_examples(None, T0, offer_type, context=ctx, customers=keep[:-1])
+
+
+def test_a_closed_index_keeps_its_contexts_and_refuses_queries():
+    index = ShopIndex(BASE)
+    ctx = FeatureContext.build(index, T0)
+    index.close()
+    assert index.closed
+    pd.testing.assert_frame_equal(build_examples(None, T0, "upsell", with_labels=False, context=ctx),
+                                  build_examples(None, T0, "upsell", with_labels=False,
+                                                 context=FeatureContext.build(BASE_INDEX, T0)))
+    with pytest.raises(RuntimeError, match="closed"):
+        FeatureContext.build(index, T0)
+    index.close()  # twice is fine
