@@ -278,25 +278,6 @@ def score_shards(c: Ctx) -> int:
     return max(1, -(-c.args.customers // 250_000))
 
 
-def score_part(as_of: dt.date, offer_type: str, model, version: str, context, customers):
-    """``ml.score.score_offer_type`` for one shard, with the shard's customers cut *before* features
-    are gathered (``build_examples(customers=...)``); score_offer_type builds every customer's examples
-    and then filters, which at 1M held a whole type's examples per shard (the score step passed 14 GB).
-    The same rows and columns (tests/test_features.py); proposed for score_offer_type itself."""
-    import numpy as np
-
-    from ml.dataset import build_examples
-    from ml.score import KEY_COLUMNS
-
-    examples = build_examples(None, as_of, offer_type, with_labels=False, context=context,
-                              customers=customers)
-    features = list(model.feature_names)
-    out = examples[KEY_COLUMNS + [c for c in features if c not in KEY_COLUMNS]].reset_index(drop=True)
-    out["propensity"] = model.predict(None, examples[features]) if len(examples) else np.array([], float)
-    out["model_version"] = f"offerflow-{offer_type}/{version}"
-    return out
-
-
 def step_score(c: Ctx) -> dict:
     """FeatureContext once, then per customer shard (``ml.score.shard_of``, as the DAG maps them):
     score the three types and decide; only the shard's offers are kept. The policy is per customer,
@@ -306,7 +287,7 @@ def step_score(c: Ctx) -> dict:
 
     from ml.features import FeatureContext
     from ml.registry import load_champion
-    from ml.score import decide, shard_of
+    from ml.score import decide, score_offer_type
 
     shop = c.load_shop()
     n_shards = score_shards(c)
@@ -321,13 +302,12 @@ def step_score(c: Ctx) -> dict:
     per_type = {t: {"rows": 0, "seconds": 0.0} for t in OFFER_TYPES}
     offers_parts, versions, decide_s, limit_rows = [], {}, 0.0, None
     with bench_score.ReasonProbe(models) as probe:  # times contributions + reason_codes inside decide
-        codes = shard_of(context.index.customer_ids, n_shards)
         for shard in range(n_shards):
-            mine = codes == shard if n_shards > 1 else None
             scored = {}
             for t, (model, version) in champions.items():
                 ts = time.perf_counter()
-                scored[t] = score_part(c.as_of, t, model, version, context, mine)
+                scored[t] = score_offer_type(shop, c.as_of, t, model, version, shard, n_shards,
+                                             context=context)
                 per_type[t]["rows"] += len(scored[t])
                 per_type[t]["seconds"] += time.perf_counter() - ts
             td = time.perf_counter()
@@ -365,7 +345,7 @@ def step_score(c: Ctx) -> dict:
         "control_rows": int(offers["is_control"].sum()),
         "predict": predict,
         "reasons": reasons,
-        "note": "seconds = FeatureContext.build + per shard (score_part x3: candidates, examples, "
+        "note": "seconds = FeatureContext.build + per shard (score_offer_type x3: candidates, examples, "
         "predict_proba; decide: policy, arbitration, reason codes); champion loading excluded; predict "
         "limits on shard 0's rows",
     }

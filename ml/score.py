@@ -39,10 +39,14 @@ def score_offer_type(shop: Shop, as_of: dt.date, offer_type: str, model, model_v
     (kept so reason codes can be computed later for the chosen rows only).
     """
     from ml.dataset import build_examples
+    from ml.features import FeatureContext
 
-    examples = build_examples(shop, as_of, offer_type, with_labels=False, context=context)
-    if n_shards > 1:
-        examples = examples[shard_of(examples["customer_id"], n_shards) == shard]
+    if context is None:
+        context = FeatureContext.build(shop, as_of)
+        context.index.close()  # the joined shop (DuckDB) is not needed once the context is built
+    # The shard's customers are cut before any feature is gathered: memory follows the shard.
+    mine = shard_of(context.index.customer_ids, n_shards) == shard if n_shards > 1 else None
+    examples = build_examples(None, as_of, offer_type, with_labels=False, context=context, customers=mine)
     features = list(model.feature_names)
     out = examples[KEY_COLUMNS + [c for c in features if c not in KEY_COLUMNS]].reset_index(drop=True)
     out["propensity"] = model.predict(None, examples[features]) if len(examples) else np.array([], float)
@@ -146,6 +150,7 @@ def score(source: str, as_of: dt.date, crm_url: str | None = None, dry_run: bool
         shop = require_valid(source, as_of=as_of)
     with step("features as of T"):
         context = FeatureContext.build(shop, as_of)
+        context.index.close()  # 4 GB less at 1M customers
     scored, models = {}, {}
     for offer_type in offer_types or list(OFFER_TYPES):
         model, version = load_champion(offer_type)
