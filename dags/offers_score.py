@@ -6,11 +6,14 @@
 2. **score_parts** → **score** (mapped over offer type × customer shard; Param `n_shards`, shards
    by a hash of customer_id) — champion propensities (`models:/offerflow-<type>@champion`), one
    Parquet file per part. Offer types without a champion yet are left out (logged).
-3. **decide_and_load** — eligibility (consent, caps, cooldown), expected value, arbitration,
-   control group, reason codes, the output suite; loads the rows into `crm_offers` under a
-   deterministic batch id with status `loading` (a rerun of the same inputs reuses the id).
-4. **publish** — one transaction supersedes the old batch and publishes this one; emits the
-   Asset `offerflow/crm_offers`.
+3. **open_batch** — one deterministic batch id (data, models, policy) opened as `loading` in
+   `crm_offers` (a rerun of the same inputs reuses it; a published one is left alone).
+4. **decide_and_load** (mapped over customer shards) — eligibility (consent, caps, cooldown),
+   expected value, arbitration, control group, reason codes for the shard's customers; appends
+   its rows to the batch. Every rule is per customer, so the shards together are the unsharded
+   decision, and a worker holds one shard's candidates only.
+5. **publish** — the output suite, then one transaction supersedes the old batch and publishes
+   this one; emits the Asset `offerflow/crm_offers`.
 
 Scheduled daily at 05:00 UTC **and** on every `offerflow/champions` event from `offers_train`.
 CRM target: the Airflow connection `offerflow_crm` (else `$OFFERFLOW_CRM_URL`, else the embedded
@@ -77,24 +80,33 @@ def offers_score():
         return score_offer(data, as_of, offer_type, shard=shard, n_shards=n_shards, version=version)
 
     @task
-    def decide_and_load(scored: list[dict], data: str, as_of: str) -> dict:
+    def open_batch(scored: list[dict], data: str, as_of: str) -> list[dict]:
         from ml import pipeline
 
-        result = pipeline.decide_and_load(data, as_of, list(scored), crm_url=crm_url())
-        print(f"batch {result['batch_id']}: {result['status']}, {result['n_offers']} offers "
-              f"({result['n_control']} control)")
+        jobs = pipeline.open_batch(data, as_of, list(scored), crm_url=crm_url())
+        print(f"batch {jobs[0]['batch_id']}: {jobs[0]['status']}, {len(jobs)} shard(s) to load")
+        return jobs
+
+    @task(map_index_template="shard {{ task.op_kwargs['job']['shard'] }}")
+    def decide_and_load(job: dict, data: str, as_of: str) -> dict:
+        from ml import pipeline
+
+        result = pipeline.load_shard(data, as_of, job, crm_url=crm_url())
+        print(f"batch {result['batch_id']} shard {result['shard']}: {result['status']}, "
+              f"{result['n_offers']} offers ({result['n_control']} control)")
         return result
 
     @task(outlets=[CRM_OFFERS])
-    def publish(load_result: dict) -> dict:
+    def publish(loads: list[dict]) -> dict:
         from ml import pipeline
 
-        return pipeline.publish(load_result, crm_url=crm_url())
+        return pipeline.publish(list(loads), crm_url=crm_url())
 
     parts = score_parts()
     validate >> parts
     scored = score.partial(data=DATA, as_of=AS_OF).expand_kwargs(parts)
-    publish(decide_and_load(scored, data=DATA, as_of=AS_OF))
+    jobs = open_batch(scored, data=DATA, as_of=AS_OF)
+    publish(decide_and_load.partial(data=DATA, as_of=AS_OF).expand(job=jobs))
 
 
 offers_score()

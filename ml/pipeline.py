@@ -77,47 +77,108 @@ def score_offer(source: str, as_of: str, offer_type: str, shard: int = 0, n_shar
             "shard": shard, "n_shards": n_shards}
 
 
-def decide_and_load(source: str, as_of: str, scored: list[dict], crm_url: str | None = None) -> dict:
-    """Policy, arbitration and reason codes over all scored parts; load the rows as a `loading` batch."""
+def _model_versions(scored: list[dict]) -> dict[str, str]:
+    """The registered model behind each type that produced candidates, as ``decide`` names them."""
+    rows: dict[str, int] = {}
+    versions: dict[str, str] = {}
+    for part in scored:
+        rows[part["offer_type"]] = rows.get(part["offer_type"], 0) + int(part.get("rows", 1))
+        versions[part["offer_type"]] = f"offerflow-{part['offer_type']}/{part['model_version']}"
+    return {t: v for t, v in versions.items() if rows[t] > 0}
+
+
+def open_batch(source: str, as_of: str, scored: list[dict], crm_url: str | None = None) -> list[dict]:
+    """Open the run's `loading` batch once, then one load job per customer shard.
+
+    The batch id is deterministic (data, models, policy), so a rerun reopens its own batch and a
+    published one is left alone (every job then says so and loads nothing).
+    """
+    from ml import crm
+    from ml.config import POLICY
+    from ml.quality import require_valid
+    from ml.score import batch_id
+
+    day = as_date(as_of)
+    shop = require_valid(source, as_of=day)
+    versions = _model_versions(scored)
+    bid = batch_id(shop, day, versions, POLICY)
+    url = crm_url or config.crm_url()
+    crm.ensure_schema(url)
+    status = crm.start_batch(url, bid, day, versions, run_ids={})
+    shards: dict[int, list[dict]] = {}
+    for part in scored:
+        shards.setdefault(int(part.get("shard", 0)), []).append(part)
+    return [{"batch_id": bid, "status": status, "shard": shard, "parts": parts}
+            for shard, parts in sorted(shards.items())]
+
+
+def load_shard(source: str, as_of: str, job: dict, crm_url: str | None = None) -> dict:
+    """Policy, arbitration and reason codes for one customer shard, appended to the `loading` batch.
+
+    Every rule of the policy is per customer (consent, caps, cooldown, arbitration, control group)
+    and shards split customers, so the shards' rows together are the unsharded decision
+    (tests/test_sharding.py); a worker holds only its shard's candidates.
+    """
     import pandas as pd
 
     from ml import crm
     from ml.config import POLICY
     from ml.quality import require_valid
     from ml.registry import load_model_version
-    from ml.score import batch_id, decide
+    from ml.score import decide
 
+    out = {"batch_id": job["batch_id"], "shard": job["shard"], "n_offers": 0, "n_control": 0}
+    if job["status"] == "published":
+        return {**out, "status": "published"}
     day = as_date(as_of)
     shop = require_valid(source, as_of=day)
     frames: dict[str, list] = {}
     versions: dict[str, str] = {}
-    for part in scored:
+    for part in job["parts"]:
         frames.setdefault(part["offer_type"], []).append(pd.read_parquet(part["path"]))
         versions[part["offer_type"]] = part["model_version"]
     by_type = {t: pd.concat(fs, ignore_index=True) for t, fs in frames.items()}
     models = {t: load_model_version(t, v) for t, v in versions.items()}
-    decision = decide(by_type, models, shop, day, POLICY)
-    url = crm_url or config.crm_url()
-    bid = batch_id(shop, day, decision.model_versions, POLICY)
-    crm.ensure_schema(url)
-    status = crm.start_batch(url, bid, day, decision.model_versions, run_ids={})
-    if status != "published":
-        crm.load_rows(url, bid, decision.offers)
-        status = "loading"
-    return {"batch_id": bid, "status": status, "n_offers": len(decision.offers),
-            "n_control": int(decision.offers["is_control"].sum()) if len(decision.offers) else 0}
+    offers = decide(by_type, models, shop, day, POLICY).offers
+    if len(offers):
+        crm.load_rows(crm_url or config.crm_url(), job["batch_id"], offers)
+    return {**out, "status": "loading", "n_offers": len(offers),
+            "n_control": int(offers["is_control"].sum()) if len(offers) else 0}
 
 
-def publish(load_result: dict, crm_url: str | None = None) -> dict:
-    """The atomic flip (old batch superseded, this one published), after the output suite."""
+def _combine(loads: list[dict]) -> dict:
+    """One result for the batch from its shards' load results."""
+    ids = {r["batch_id"] for r in loads}
+    if len(ids) != 1:
+        raise ValueError(f"shard results name {len(ids)} batches, expected one: {sorted(ids)}")
+    status = "published" if any(r["status"] == "published" for r in loads) else "loading"
+    return {"batch_id": ids.pop(), "status": status, "shards": len(loads),
+            "n_offers": sum(r["n_offers"] for r in loads), "n_control": sum(r["n_control"] for r in loads)}
+
+
+def decide_and_load(source: str, as_of: str, scored: list[dict], crm_url: str | None = None) -> dict:
+    """``open_batch`` and every shard's ``load_shard`` in this process (the CLI's and tests' path)."""
+    jobs = open_batch(source, as_of, scored, crm_url=crm_url)
+    return _combine([load_shard(source, as_of, job, crm_url=crm_url) for job in jobs])
+
+
+def publish(load_result: dict | list[dict], crm_url: str | None = None) -> dict:
+    """The atomic flip (old batch superseded, this one published), after the output suite.
+
+    Takes the combined load result or the list of shard results (the mapped DAG task's output).
+    """
     from ml import crm
     from ml.config import POLICY
 
+    if not isinstance(load_result, dict):
+        load_result = _combine(list(load_result))
     url = crm_url or config.crm_url()
     if load_result.get("status") == "published":
         return {**load_result, "published": False, "note": "already published by an earlier run"}
     res = crm.publish_batch(url, load_result["batch_id"], retention=POLICY.retention_batches)
-    return {**load_result, "published": True, "status": getattr(res, "status", "published")}
+    return {**load_result, "published": True, "status": getattr(res, "status", "published"),
+            "n_offers": getattr(res, "n_offers", load_result.get("n_offers")),
+            "n_control": getattr(res, "n_control", load_result.get("n_control"))}
 
 
 def monitor(source: str, as_of: str, crm_url: str | None = None, run_tags: dict | None = None) -> dict:

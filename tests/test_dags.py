@@ -106,8 +106,8 @@ def test_task_graphs(dagbag):
         "validate_inputs": {"train"}, "train": {"gate"}, "gate": {"publish_champions"},
         "publish_champions": set()}
     assert graph("offers_score") == {
-        "validate_inputs": {"score_parts"}, "score_parts": {"score"}, "score": {"decide_and_load"},
-        "decide_and_load": {"publish"}, "publish": set()}
+        "validate_inputs": {"score_parts"}, "score_parts": {"score"}, "score": {"open_batch"},
+        "open_batch": {"decide_and_load"}, "decide_and_load": {"publish"}, "publish": set()}
     assert graph("offers_monitor") == {
         "validate_inputs": {"monitor"}, "monitor": {"retrain_needed"},
         "retrain_needed": {"trigger_retrain"}, "trigger_retrain": set()}
@@ -313,8 +313,8 @@ class FakePipeline:
         self.calls: list[tuple[str, dict]] = []
         self.valid, self.promoted, self.retrain = valid, promoted, retrain
         self._quality = quality
-        for name in ("validate_inputs", "train_offer", "gate_offer", "score_offer", "decide_and_load",
-                     "publish", "monitor"):
+        for name in ("validate_inputs", "train_offer", "gate_offer", "score_offer", "open_batch",
+                     "load_shard", "publish", "monitor"):
             monkeypatch.setattr(pipeline, name, getattr(self, name), raising=False)
         self.champions = {"cross_sell": "1", "upsell": "1", "downsell": "1"}
         monkeypatch.setattr("ml.registry.champion_version", lambda offer_type: self.champions.get(offer_type))
@@ -346,15 +346,22 @@ class FakePipeline:
         self.calls.append(("score_offer", {"as_of": as_of, "offer_type": offer_type, "shard": shard,
                                            "n_shards": n_shards, "version": version}))
         return {"offer_type": offer_type, "path": f"/x/{offer_type}_{shard}.parquet", "rows": 10,
-                "model_version": "1"}
+                "model_version": "1", "shard": shard, "n_shards": n_shards}
 
-    def decide_and_load(self, source, as_of, scored, crm_url=None):
-        self.calls.append(("decide_and_load", {"as_of": as_of, "scored": scored, "crm_url": crm_url}))
-        return {"batch_id": f"b-{as_of}", "status": "loading", "n_offers": 9, "n_control": 1}
+    def open_batch(self, source, as_of, scored, crm_url=None):
+        self.calls.append(("open_batch", {"as_of": as_of, "scored": scored, "crm_url": crm_url}))
+        shards = sorted({p["shard"] for p in scored})
+        return [{"batch_id": f"b-{as_of}", "status": "loading", "shard": s,
+                 "parts": [p for p in scored if p["shard"] == s]} for s in shards]
+
+    def load_shard(self, source, as_of, job, crm_url=None):
+        self.calls.append(("load_shard", {"as_of": as_of, "job": job, "crm_url": crm_url}))
+        return {"batch_id": job["batch_id"], "shard": job["shard"], "status": "loading", "n_offers": 9,
+                "n_control": 1}
 
     def publish(self, load_result, crm_url=None):
-        self.calls.append(("publish", {"load_result": load_result, "crm_url": crm_url}))
-        return {**load_result, "status": "published"}
+        self.calls.append(("publish", {"load_result": list(load_result), "crm_url": crm_url}))
+        return {"batch_id": load_result[0]["batch_id"], "status": "published"}
 
     def monitor(self, source, as_of, crm_url=None, run_tags=None):
         self.calls.append(("monitor", {"as_of": as_of, "crm_url": crm_url}))
@@ -411,11 +418,19 @@ def test_score_wiring_shards_connection_and_default_as_of(airflow_db, dagbag, mo
     assert {(c["offer_type"], c["version"]) for c in fake.called("score_offer")} == {
         (t, str(v)) for t, v in fake.champions.items() if v}
     assert parts == [(t, s, 2) for t in ("cross_sell", "downsell", "upsell") for s in (0, 1)]
-    (loaded,) = fake.called("decide_and_load")
-    assert len(loaded["scored"]) == 6 and loaded["as_of"] == "2025-07-14"
-    assert loaded["crm_url"] == f"sqlite:///{crm}"  # the Airflow connection, not the default
+    (opened,) = fake.called("open_batch")
+    assert len(opened["scored"]) == 6 and opened["as_of"] == "2025-07-14"
+    assert opened["crm_url"] == f"sqlite:///{crm}"  # the Airflow connection, not the default
+    # one decide-and-load task per customer shard, each with that shard's parts of every type
+    loads = sorted(fake.called("load_shard"), key=lambda c: c["job"]["shard"])
+    assert [c["job"]["shard"] for c in loads] == [0, 1]
+    assert all(sorted(p["offer_type"] for p in c["job"]["parts"]) == ["cross_sell", "downsell", "upsell"]
+               and {p["shard"] for p in c["job"]["parts"]} == {c["job"]["shard"]} for c in loads)
+    assert {c["crm_url"] for c in loads} == {f"sqlite:///{crm}"}
     (published,) = fake.called("publish")
-    assert published["load_result"]["batch_id"] == "b-2025-07-14" and published["crm_url"] == f"sqlite:///{crm}"
+    assert [r["shard"] for r in published["load_result"]] == [0, 1]  # the mapped results, in order
+    assert {r["batch_id"] for r in published["load_result"]} == {"b-2025-07-14"}
+    assert published["crm_url"] == f"sqlite:///{crm}"
     assert [e for e in _asset_events("offerflow/crm_offers") if e["run_id"] == dr.run_id]
 
 
@@ -434,7 +449,7 @@ def test_score_leaves_out_types_without_champion(airflow_db, dagbag, monkeypatch
     fake.champions.pop("downsell")
     _ok(_fresh("offers_score").test(run_conf={"as_of": AS_OF, "data": "/shop"}))
     assert sorted(c["offer_type"] for c in fake.called("score_offer")) == ["cross_sell", "upsell"]
-    assert len(fake.called("decide_and_load")[0]["scored"]) == 2
+    assert len(fake.called("open_batch")[0]["scored"]) == 2
 
     fake.champions.clear()
     dr = _fresh("offers_score").test(run_conf={"as_of": AS_OF, "data": "/shop"})
@@ -446,7 +461,7 @@ def test_crm_url_from_a_postgres_connection(airflow_db, dagbag, monkeypatch):
     fake = FakePipeline(monkeypatch)
     monkeypatch.setenv("AIRFLOW_CONN_OFFERFLOW_CRM", "postgresql://crm_user:s%40cret@db.example:5432/crm")
     _ok(_fresh("offers_score").test(run_conf={"as_of": AS_OF, "data": "/shop"}))
-    (loaded,) = fake.called("decide_and_load")
+    (loaded,) = fake.called("open_batch")
     assert loaded["crm_url"] == "postgresql+psycopg://crm_user:s%40cret@db.example:5432/crm"
 
 
@@ -455,7 +470,8 @@ def test_crm_url_falls_back_to_env_without_connection(airflow_db, dagbag, monkey
     monkeypatch.delenv("AIRFLOW_CONN_OFFERFLOW_CRM", raising=False)
     monkeypatch.setenv("OFFERFLOW_CRM_URL", f"sqlite:///{tmp_path}/env_crm.db")
     _ok(_fresh("offers_score").test(run_conf={"as_of": AS_OF, "data": "/shop"}))
-    assert fake.called("decide_and_load")[0]["crm_url"] == f"sqlite:///{tmp_path}/env_crm.db"
+    assert fake.called("open_batch")[0]["crm_url"] == f"sqlite:///{tmp_path}/env_crm.db"
+    assert fake.called("load_shard")[0]["crm_url"] == f"sqlite:///{tmp_path}/env_crm.db"
 
 
 @pytest.mark.parametrize("dag_id", ["offers_score", "offers_train"])

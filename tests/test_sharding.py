@@ -1,7 +1,8 @@
 """Scale-out: scoring mapped over customer shards gives exactly the CRM rows of unsharded scoring.
 
 The same functions ``offers_score`` runs as tasks (``ml.pipeline``): ``score_offer`` per (offer type,
-shard), one ``decide_and_load`` over all parts into a ``loading`` batch, one ``publish``. Models are
+shard), ``open_batch`` once, ``load_shard`` per shard (policy, arbitration, reason codes for that
+shard's customers only) into the one ``loading`` batch, one ``publish`` over the shards' results. Models are
 trained once per module on a small simulated shop, in a private MLflow store.
 """
 
@@ -48,15 +49,17 @@ def trained(tmp_path_factory, mlflow_template_db):
 
 
 def _run_score(trained: dict, url: str, n_shards: int) -> tuple[list[dict], dict]:
-    """offers_score's task sequence: score × types × shards → decide_and_load → publish."""
+    """offers_score's task sequence: score × types × shards → open_batch → load_shard × shards → publish."""
     from ml import pipeline
 
     parts = [pipeline.score_offer(trained["shop"], AS_OF, t, shard=s, n_shards=n_shards,
                                   version=trained["versions"][t])
              for t in OFFER_TYPES for s in range(n_shards)]
-    loaded = pipeline.decide_and_load(trained["shop"], AS_OF, parts, crm_url=url)
-    assert loaded["status"] == "loading"
-    published = pipeline.publish(loaded, crm_url=url)
+    jobs = pipeline.open_batch(trained["shop"], AS_OF, parts, crm_url=url)
+    assert [j["shard"] for j in jobs] == list(range(n_shards))
+    loads = [pipeline.load_shard(trained["shop"], AS_OF, job, crm_url=url) for job in jobs]
+    assert {r["status"] for r in loads} == {"loading"}
+    published = pipeline.publish(loads, crm_url=url)
     assert published["published"] is True
     return parts, published
 
