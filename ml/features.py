@@ -226,8 +226,7 @@ class ShopIndex:
             SELECT o.cust, o.ocode, o.ts, p.cat, p.tier, p.pcode,
                    CAST(l.quantity AS INTEGER) AS qty, CAST(l.unit_price AS DOUBLE) AS unit_price,
                    p.price AS list_price, l.quantity * l.unit_price AS amount
-            FROM lines_raw l JOIN orders o USING (order_id) JOIN prod_dim p USING (product_id)
-            ORDER BY o.ts""")
+            FROM lines_raw l JOIN orders o USING (order_id) JOIN prod_dim p USING (product_id)""")
         con.execute("ALTER TABLE orders DROP COLUMN order_id")
         # Order-level rows per category, and purchase days with the gap to the previous purchase day.
         # A gap only looks backwards, so "day < T" keeps both ends of it before T.
