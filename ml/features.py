@@ -229,7 +229,8 @@ class ShopIndex:
             FROM lines_raw l JOIN orders o USING (order_id) JOIN prod_dim p USING (product_id)""")
         con.execute("ALTER TABLE orders DROP COLUMN order_id")
         # Order-level rows per category, and purchase days with the gap to the previous purchase day.
-        # A gap only looks backwards, so "day < T" keeps both ends of it before T.
+        # A gap only looks backwards, so "day < T" keeps both ends of it before T. A basket's ts is its
+        # order's ts (every line of an order has it), so its days are the lines' days, from fewer rows.
         con.execute(f"""
             CREATE TABLE baskets AS
             SELECT cust, cat, ocode, min(ts) AS ts, count(*) AS n_lines, sum(amount) AS spend,
@@ -238,7 +239,7 @@ class ShopIndex:
             FROM lines GROUP BY cust, cat, ocode""")  # noqa: S608 - constants only
         con.execute("""
             CREATE TABLE cat_days AS
-            WITH d AS (SELECT DISTINCT cust, cat, CAST(ts AS DATE) AS day FROM lines)
+            WITH d AS (SELECT DISTINCT cust, cat, CAST(ts AS DATE) AS day FROM baskets)
             SELECT cust, cat, day, day - lag(day) OVER (PARTITION BY cust, cat ORDER BY day) AS gap FROM d""")
         con.execute("""
             CREATE TABLE order_days AS
