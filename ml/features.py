@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from ml.config import MODEL, ModelConfig
 from ml.contract import CHANNELS_ORDER, Shop
@@ -143,6 +144,10 @@ def customer_fraction(customer_ids: pd.Series | pd.Index, salt: str) -> np.ndarr
     return (h.to_numpy() >> np.uint64(11)).astype("float64") / float(1 << 53)
 
 
+def _arrow(frame: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
 def _close_duckdb(con: duckdb.DuckDBPyConnection, folder: str) -> None:
     con.close()
     shutil.rmtree(folder, ignore_errors=True)
@@ -208,13 +213,15 @@ class ShopIndex:
                                      "preserve_insertion_order": False})
         self._finalizer = weakref.finalize(self, _close_duckdb, con, self._tmp)
         self.con = con
-        con.register("cust_dim", pd.DataFrame({"customer_id": self.customer_ids,
-                                               "cust": np.arange(len(customers), dtype=np.int32)}))
-        con.register("prod_dim", self.products[["product_id", "pcode", "cat", "tier", "price"]])
-        con.register("orders_raw", shop.orders[["order_id", "customer_id", "order_ts", "channel"]])
-        con.register("lines_raw", shop.order_lines[["order_id", "product_id", "quantity", "unit_price"]])
+        # Registered as Arrow tables: DuckDB scans Arrow text without going through pandas' objects.
+        con.register("cust_dim", _arrow(pd.DataFrame({"customer_id": self.customer_ids,
+                                                      "cust": np.arange(len(customers), dtype=np.int32)})))
+        con.register("prod_dim", _arrow(self.products[["product_id", "pcode", "cat", "tier", "price"]]))
+        con.register("orders_raw", _arrow(shop.orders[["order_id", "customer_id", "order_ts", "channel"]]))
+        lines = shop.order_lines[["order_id", "product_id", "quantity", "unit_price"]]
+        con.register("lines_raw", _arrow(lines))
         offers = shop.offer_history
-        con.register("offers_raw", offers[["customer_id", "product_id", "sent_at"]])
+        con.register("offers_raw", _arrow(offers[["customer_id", "product_id", "sent_at"]]))
         con.execute(f"""
             CREATE TABLE orders AS
             SELECT o.order_id, CAST(row_number() OVER () AS INTEGER) AS ocode, c.cust,
