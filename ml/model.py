@@ -18,6 +18,8 @@ import mlflow
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import sklearn
 from mlflow.models import infer_signature
 from mlflow.models.model import ModelInfo
@@ -100,6 +102,13 @@ def choose_calibrator(p: np.ndarray, y: np.ndarray, groups: pd.Series) -> tuple[
 
 def _numeric(s: pd.Series) -> np.ndarray:
     return pd.to_numeric(s, errors="coerce").astype("float64").to_numpy(na_value=np.nan)
+
+
+def _vocab_codes(values: pd.Series, vocab: list[str]) -> np.ndarray:
+    """Position of each value in ``vocab`` (-1 when missing or unseen): Arrow's hash lookup."""
+    arr = pa.array(values.astype("string").astype("string[pyarrow]").array)
+    pos = pc.index_in(arr, value_set=pa.array([str(v) for v in vocab], type=arr.type), skip_nulls=True)
+    return pos.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def drift_reference(X: pd.DataFrame, scores: np.ndarray, categorical: list[str],
@@ -211,7 +220,7 @@ class OfferModel(mlflow.pyfunc.PythonModel):
         out = np.empty((len(df), len(self.features)), dtype="float64")
         for j, col in enumerate(self.features):
             if col in self.vocabularies:
-                codes = pd.Index(self.vocabularies[col]).get_indexer(df[col].astype("string"))
+                codes = _vocab_codes(df[col], self.vocabularies[col])
                 out[:, j] = np.where(codes < 0, np.nan, codes)
             else:
                 out[:, j] = _numeric(df[col])
