@@ -66,6 +66,11 @@ def cutoffs_for(as_of: dt.date, cfg: ModelConfig = MODEL) -> list[dt.date]:
     return sorted(train) + [valid, test]
 
 
+def _text(values) -> pd.api.extensions.ExtensionArray:
+    """Text as a ``string`` array (what ``astype("string")`` gives), ready for ``take``."""
+    return pd.array(values, dtype="string")
+
+
 def _gather(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """values[rows] with NaN where rows == -1 (a category never bought)."""
     out = np.asarray(values, dtype="float64")[np.maximum(rows, 0)] if len(values) else \
@@ -118,13 +123,15 @@ def build_examples(shop: Shop | None, cutoff: dt.date, offer_type: str, *, with_
     cc = ctx.cc
     products = index.products
 
+    # Text columns are gathered as string arrays (an Arrow take), not as Python objects parsed back.
+    categories = _text(index.categories)
     out: dict[str, object] = {
-        "customer_id": index.customer_ids.to_numpy()[cust],
-        "category": index.categories[cat],
-        "product_id": products["product_id"].to_numpy()[pcode],
+        "customer_id": _text(index.customer_ids).take(cust),
+        "category": categories.take(cat),
+        "product_id": _text(products["product_id"]).take(pcode),
         "cutoff": np.full(len(cust), cutoff, dtype=object),
-        "offer_type": np.full(len(cust), offer_type, dtype=object),
-        "segment": c["segment"].to_numpy()[cust],
+        "offer_type": _text([offer_type]).take(np.zeros(len(cust), dtype=np.int64)),
+        "segment": _text(c["segment"]).take(cust),
         "at_risk": c["at_risk"].to_numpy(bool)[cust],
         "margin": products["margin"].to_numpy("float64")[pcode],
     }
@@ -144,8 +151,8 @@ def build_examples(shop: Shop | None, cutoff: dt.date, offer_type: str, *, with_
         feats[name] = c[name].to_numpy("float64")[cust]
     feats["overall_tier"] = np.where(feats["overall_tier"] < 0, np.nan, feats["overall_tier"])
     for name in SEGMENT_FEATURES + (("age_band",) if cfg.use_age_band else ()):
-        feats[name] = c[name].to_numpy()[cust]
-    feats["category"] = index.categories[cat]
+        feats[name] = _text(c[name]).take(cust)
+    feats["category"] = categories.take(cat)
     n_lines = _gather(cc["n_lines"].to_numpy(), rows)
     days_since = _gather(cc["days_since_last"].to_numpy(), rows)
     gap = _gather(cc["gap_median"].to_numpy("float64", na_value=np.nan), rows)

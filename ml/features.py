@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from ml.config import MODEL, ModelConfig
 from ml.contract import CHANNELS_ORDER, Shop
@@ -143,6 +144,10 @@ def customer_fraction(customer_ids: pd.Series | pd.Index, salt: str) -> np.ndarr
     return (h.to_numpy() >> np.uint64(11)).astype("float64") / float(1 << 53)
 
 
+def _arrow(frame: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
 def _close_duckdb(con: duckdb.DuckDBPyConnection, folder: str) -> None:
     con.close()
     shutil.rmtree(folder, ignore_errors=True)
@@ -208,13 +213,15 @@ class ShopIndex:
                                      "preserve_insertion_order": False})
         self._finalizer = weakref.finalize(self, _close_duckdb, con, self._tmp)
         self.con = con
-        con.register("cust_dim", pd.DataFrame({"customer_id": self.customer_ids,
-                                               "cust": np.arange(len(customers), dtype=np.int32)}))
-        con.register("prod_dim", self.products[["product_id", "pcode", "cat", "tier", "price"]])
-        con.register("orders_raw", shop.orders[["order_id", "customer_id", "order_ts", "channel"]])
-        con.register("lines_raw", shop.order_lines[["order_id", "product_id", "quantity", "unit_price"]])
+        # Registered as Arrow tables: DuckDB scans Arrow text without going through pandas' objects.
+        con.register("cust_dim", _arrow(pd.DataFrame({"customer_id": self.customer_ids,
+                                                      "cust": np.arange(len(customers), dtype=np.int32)})))
+        con.register("prod_dim", _arrow(self.products[["product_id", "pcode", "cat", "tier", "price"]]))
+        con.register("orders_raw", _arrow(shop.orders[["order_id", "customer_id", "order_ts", "channel"]]))
+        lines = shop.order_lines[["order_id", "product_id", "quantity", "unit_price"]]
+        con.register("lines_raw", _arrow(lines))
         offers = shop.offer_history
-        con.register("offers_raw", offers[["customer_id", "product_id", "sent_at"]])
+        con.register("offers_raw", _arrow(offers[["customer_id", "product_id", "sent_at"]]))
         con.execute(f"""
             CREATE TABLE orders AS
             SELECT o.order_id, CAST(row_number() OVER () AS INTEGER) AS ocode, c.cust,
@@ -226,11 +233,11 @@ class ShopIndex:
             SELECT o.cust, o.ocode, o.ts, p.cat, p.tier, p.pcode,
                    CAST(l.quantity AS INTEGER) AS qty, CAST(l.unit_price AS DOUBLE) AS unit_price,
                    p.price AS list_price, l.quantity * l.unit_price AS amount
-            FROM lines_raw l JOIN orders o USING (order_id) JOIN prod_dim p USING (product_id)
-            ORDER BY o.ts""")
+            FROM lines_raw l JOIN orders o USING (order_id) JOIN prod_dim p USING (product_id)""")
         con.execute("ALTER TABLE orders DROP COLUMN order_id")
         # Order-level rows per category, and purchase days with the gap to the previous purchase day.
-        # A gap only looks backwards, so "day < T" keeps both ends of it before T.
+        # A gap only looks backwards, so "day < T" keeps both ends of it before T. A basket's ts is its
+        # order's ts (every line of an order has it), so its days are the lines' days, from fewer rows.
         con.execute(f"""
             CREATE TABLE baskets AS
             SELECT cust, cat, ocode, min(ts) AS ts, count(*) AS n_lines, sum(amount) AS spend,
@@ -239,7 +246,7 @@ class ShopIndex:
             FROM lines GROUP BY cust, cat, ocode""")  # noqa: S608 - constants only
         con.execute("""
             CREATE TABLE cat_days AS
-            WITH d AS (SELECT DISTINCT cust, cat, CAST(ts AS DATE) AS day FROM lines)
+            WITH d AS (SELECT DISTINCT cust, cat, CAST(ts AS DATE) AS day FROM baskets)
             SELECT cust, cat, day, day - lag(day) OVER (PARTITION BY cust, cat ORDER BY day) AS gap FROM d""")
         con.execute("""
             CREATE TABLE order_days AS

@@ -68,25 +68,30 @@ def decide(scored: dict[str, pd.DataFrame], models: dict, shop: Shop, as_of: dt.
     from ml.policy import apply_policy
     from ml.reasons import reason_codes
 
-    parts = [df.assign(offer_type=t) for t, df in scored.items() if len(df)]
+    # The policy needs only the key columns: only those are concatenated. Features stay in each
+    # type's frame, addressed by candidate_idx minus the type's offset in the concatenation.
+    kept = [t for t, df in scored.items() if len(df)]
+    offset = dict(zip(kept, np.cumsum([0] + [len(scored[t]) for t in kept[:-1]]).tolist(), strict=True))
+    parts = [scored[t][KEY_COLUMNS + ["propensity", "model_version"]].assign(offer_type=t) for t in kept]
     empty = pd.DataFrame(columns=[*KEY_COLUMNS, "propensity", "model_version"])
     candidates = pd.concat(parts, ignore_index=True) if parts else empty
-    # The policy needs only the key columns; features stay aside, addressed by candidate_idx.
     policy_in = candidates[KEY_COLUMNS + ["propensity"]]
     result = apply_policy(policy_in, shop, as_of, cfg)
     offers = result.offers.copy()
     offers["reason_codes"] = "[]"
     offers["model_version"] = candidates["model_version"].reindex(offers["candidate_idx"]).to_numpy() \
         if len(offers) else pd.Series(dtype="string")
+    codes_all = offers["reason_codes"].to_numpy(dtype=object)
     for offer_type, model in models.items():
-        mask = offers["offer_type"] == offer_type
+        mask = (offers["offer_type"] == offer_type).to_numpy(dtype=bool, na_value=False)
         if not mask.any():
             continue
-        rows = candidates.loc[offers.loc[mask, "candidate_idx"].to_numpy()]
+        rows = scored[offer_type].iloc[offers["candidate_idx"].to_numpy()[mask] - offset[offer_type]]
         contrib = model.contributions(rows[list(model.feature_names)])
         values = rows[list(model.feature_names)].assign(category=rows["category"].to_numpy())
         codes = reason_codes(contrib.reset_index(drop=True), values.reset_index(drop=True))
-        offers.loc[mask, "reason_codes"] = codes.to_numpy()
+        codes_all[mask] = codes.to_numpy(dtype=object)
+    offers["reason_codes"] = pd.array(codes_all, dtype=offers["reason_codes"].dtype)
     start = pd.Timestamp(as_of)
     offers["valid_from"] = start
     offers["valid_until"] = start + pd.Timedelta(days=cfg.offer_valid_days)
