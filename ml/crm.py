@@ -614,11 +614,17 @@ def publish_batch(url: str, batch_id: str, validate: Callable[[pd.DataFrame], li
             if isinstance(exc, PublishError):
                 raise
             raise PublishError(batch_id, f"{type(exc).__name__}: {exc}") from exc
-        try:
-            deleted = _apply_retention(engine, s, retention)
-        except sa.exc.SQLAlchemyError as exc:  # published all the same: clean up next time
-            log.warning("crm: retention failed after publishing %s: %s", batch_id, exc)
-            deleted = []
+        return _published(engine, s, batch_id, retention, n_offers, n_control, previous, t0)
+
+
+def _published(engine: sa.Engine, s: _Schema, batch_id: str, retention: int, n_offers: int, n_control: int,
+               previous: str | None, t0: float) -> PublishResult:
+    """After the flip: retention (best effort, the batch is live either way) and the result."""
+    try:
+        deleted = _apply_retention(engine, s, retention)
+    except sa.exc.SQLAlchemyError as exc:  # published all the same: clean up next time
+        log.warning("crm: retention failed after publishing %s: %s", batch_id, exc)
+        deleted = []
     res = PublishResult(batch_id, "published", n_offers, n_control, previous, deleted,
                         time.perf_counter() - t0)
     log.info("crm: %s", res.summary())
@@ -713,15 +719,7 @@ def publish(url: str, offers: pd.DataFrame, batch_id: str, as_of: dt.date,
             if isinstance(exc, PublishError) or not loaded:  # load errors surface as load_rows raises them
                 raise
             raise PublishError(batch_id, f"{type(exc).__name__}: {exc}") from exc
-        try:
-            deleted = _apply_retention(engine, s, retention)
-        except sa.exc.SQLAlchemyError as exc:  # published all the same: clean up next time
-            log.warning("crm: retention failed after publishing %s: %s", batch_id, exc)
-            deleted = []
-    res = PublishResult(batch_id, "published", n_offers, n_control, previous, deleted,
-                        time.perf_counter() - t0)
-    log.info("crm: %s", res.summary())
-    return res
+        return _published(engine, s, batch_id, retention, n_offers, n_control, previous, t0)
 
 
 # ---------------------------------------------------------------------------- readers

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import tempfile
 import uuid
+from collections.abc import Iterator
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _TMP_HOME = tempfile.mkdtemp(prefix="offerflow_tests_")
@@ -71,15 +73,22 @@ def _drop_database(name: str) -> None:
     eng.dispose()
 
 
-@pytest.fixture
-def pg_url():
-    """A fresh PostgreSQL database with a random name, dropped afterwards."""
+@contextlib.contextmanager
+def scratch_database() -> Iterator[str]:
+    """A fresh PostgreSQL database with a random name, dropped afterwards (skips without a server)."""
     _require_postgres()
     name, url = _create_database()
     try:
         yield url
     finally:
         _drop_database(name)
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database with a random name, dropped afterwards."""
+    with scratch_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

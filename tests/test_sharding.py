@@ -86,14 +86,10 @@ def _crm(backend: str, tmp_path, request) -> tuple[str, str]:
 @pytest.fixture
 def pg_url_second():
     """A second scratch PostgreSQL database (conftest's ``pg_url`` gives one per test)."""
-    from conftest import _create_database, _drop_database, _require_postgres
+    from conftest import scratch_database
 
-    _require_postgres()
-    name, url = _create_database()
-    try:
+    with scratch_database() as url:
         yield url
-    finally:
-        _drop_database(name)
 
 
 @pytest.mark.slow
