@@ -18,8 +18,6 @@ import mlflow
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 import sklearn
 from mlflow.models import infer_signature
 from mlflow.models.model import ModelInfo
@@ -27,6 +25,8 @@ from scipy.special import expit, logit
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
+
+from ml.contract import text_positions
 
 PROB_EPS = 1e-5  # keeps calibrated probabilities off 0/1 so one surprise cannot make log loss infinite
 CALIBRATION_METHODS = ("identity", "platt", "isotonic")  # simplest first: wins ties
@@ -102,13 +102,6 @@ def choose_calibrator(p: np.ndarray, y: np.ndarray, groups: pd.Series) -> tuple[
 
 def _numeric(s: pd.Series) -> np.ndarray:
     return pd.to_numeric(s, errors="coerce").astype("float64").to_numpy(na_value=np.nan)
-
-
-def _vocab_codes(values: pd.Series, vocab: list[str]) -> np.ndarray:
-    """Position of each value in ``vocab`` (-1 when missing or unseen): Arrow's hash lookup."""
-    arr = pa.array(values.astype("string").astype("string[pyarrow]").array)
-    pos = pc.index_in(arr, value_set=pa.array([str(v) for v in vocab], type=arr.type), skip_nulls=True)
-    return pos.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def drift_reference(X: pd.DataFrame, scores: np.ndarray, categorical: list[str],
@@ -206,13 +199,14 @@ class OfferModel(mlflow.pyfunc.PythonModel):
         or unseen), numbers as float64. Same values, so the same predictions bit for bit, without the
         pandas categoricals and LightGBM's DataFrame conversion (a copy per call).
 
-        Falls back to the frame when the booster's stored categories differ from the vocabularies.
+        Falls back to the frame when the booster's stored categories differ from the vocabularies, and
+        for an empty frame (nothing to gain; the frame path is the one every caller already handled).
         """
         cats = [c for c in self.features if c in self.vocabularies]
         stored = getattr(self.booster, "pandas_categorical", None)
         same = stored is not None and len(stored) == len(cats) and all(
             list(v) == list(self.vocabularies[c]) for c, v in zip(cats, stored, strict=True))
-        if cats and not same:
+        if (cats and not same) or not len(df):
             return self.to_booster_input(df)
         missing = [c for c in self.features if c not in df.columns]
         if missing:
@@ -220,7 +214,7 @@ class OfferModel(mlflow.pyfunc.PythonModel):
         out = np.empty((len(df), len(self.features)), dtype="float64")
         for j, col in enumerate(self.features):
             if col in self.vocabularies:
-                codes = _vocab_codes(df[col], self.vocabularies[col])
+                codes = text_positions(df[col], [str(v) for v in self.vocabularies[col]])
                 out[:, j] = np.where(codes < 0, np.nan, codes)
             else:
                 out[:, j] = _numeric(df[col])
@@ -229,10 +223,7 @@ class OfferModel(mlflow.pyfunc.PythonModel):
     # -- scoring -------------------------------------------------------------------------------
     def predict_raw(self, df: pd.DataFrame) -> np.ndarray:
         """Uncalibrated booster probabilities (best iteration)."""
-        if not len(df):
-            X = self.to_booster_input(df)
-        else:
-            X = self.booster_matrix(df)
+        X = self.booster_matrix(df)
         return self.booster.predict(X, num_iteration=self.booster.best_iteration or None)
 
     def predict_proba(self, df: pd.DataFrame) -> np.ndarray:
@@ -255,7 +246,7 @@ class OfferModel(mlflow.pyfunc.PythonModel):
         hundreds of times faster, and it agrees with SHAP on the leading reasons, which is all a reason
         code shows. Calibration is monotone, so the ranking of reasons is the booster's.
         """
-        X = self.booster_matrix(df) if len(df) else self.to_booster_input(df)
+        X = self.booster_matrix(df)
         n_iter = self.booster.best_iteration or None
         if method == "shap":
             contrib = self.booster.predict(X, num_iteration=n_iter, pred_contrib=True)

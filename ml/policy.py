@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ml.config import POLICY, PolicyConfig
-from ml.contract import CONTACT_CHANNELS, OFFER_TYPES, Shop
+from ml.contract import CONTACT_CHANNELS, OFFER_TYPES, Shop, text_array, text_positions
 from ml.progress import log
 
 # Fallback order when response rates tie (or there is no history): email, push, sms.
@@ -122,27 +122,11 @@ def latest_consents(consents: pd.DataFrame, as_of: dt.date | pd.Timestamp) -> pd
 
 # ---------------------------------------------------------------------------- shop-derived arrays
 
-def _text(values: pd.Series | pd.Index | Iterable[str]) -> pa.Array:
-    """Text as one Arrow type, so lookups compare like with like whatever the pandas storage."""
-    arr = pa.array(pd.array(values, dtype="string[pyarrow]"))
-    return pc.cast(arr, pa.large_string())
-
-
 Text = pd.Series | pd.Index | Iterable[str]
 
 
 def _chunks(arr: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
     return list(arr.chunks) if isinstance(arr, pa.ChunkedArray) else [arr]
-
-
-def _lookup(values: Text, keys: Text) -> np.ndarray:
-    """Position of each value among ``keys`` (-1 when absent or missing; a repeated key: its first row).
-
-    Arrow's hash lookup: several times faster than ``Index.get_indexer`` on text, which matters
-    for tens of millions of order lines.
-    """
-    pos = pc.index_in(_text(values), value_set=_text(keys), skip_nulls=True)
-    return pos.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _isin(values: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -161,8 +145,8 @@ def _consent_matrix(shop: Shop, codes: _Codes, t: np.datetime64) -> np.ndarray:
     """granted[customer, channel] for the latest consent row before T (channels in CHANNEL_PREFERENCE)."""
     c = shop.consents
     ts = _ts(c["updated_at"])
-    cust = _lookup(c["customer_id"], codes.customers)
-    chan = _lookup(c["channel"], CHANNEL_PREFERENCE)
+    cust = text_positions(c["customer_id"], codes.customers)
+    chan = text_positions(c["channel"], CHANNEL_PREFERENCE)
     keep = (ts < t) & (cust >= 0) & (chan >= 0)
     cust, chan, ts, granted = cust[keep], chan[keep], ts[keep], _as_bool(c["granted"])[keep]
     pair = cust * len(CHANNEL_PREFERENCE) + chan
@@ -187,13 +171,13 @@ def _catalogue(shop: Shop, codes: _Codes) -> _Catalogue:
     products = shop.products.drop_duplicates("product_id")
     ids = products["product_id"].reset_index(drop=True)
     rank = np.empty(len(ids), dtype=np.int64)
-    rank[pc.sort_indices(_text(ids)).to_numpy()] = np.arange(len(ids))
-    return _Catalogue(ids, _lookup(products["category"], codes.categories), _as_bool(products["active"]),
-                      rank)
+    rank[pc.sort_indices(text_array(ids)).to_numpy()] = np.arange(len(ids))
+    return _Catalogue(ids, text_positions(products["category"], codes.categories),
+                      _as_bool(products["active"]), rank)
 
 
 def _category_of(product_ids: pd.Series, cat: _Catalogue) -> np.ndarray:
-    pidx = _lookup(product_ids, cat.ids)
+    pidx = text_positions(product_ids, cat.ids)
     out = np.full(len(pidx), -1, dtype=np.int64)
     out[pidx >= 0] = cat.category[pidx[pidx >= 0]]
     return out
@@ -203,10 +187,10 @@ def _purchases(shop: Shop, codes: _Codes, cat: _Catalogue, t: np.datetime64) -> 
     """(customer*n_cat + category, order time) per order line of candidate customers before T."""
     orders = shop.orders  # a repeated order_id breaks the contract; _lookup lets its first row win
     ots = _ts(orders["order_ts"])
-    ocust = _lookup(orders["customer_id"], codes.customers)
+    ocust = text_positions(orders["customer_id"], codes.customers)
     keep = (ots < t) & (ocust >= 0)
     lines = shop.order_lines
-    pos = _lookup(lines["order_id"], orders["order_id"])
+    pos = text_positions(lines["order_id"], orders["order_id"])
     lcat = _category_of(lines["product_id"], cat)
     ok = (pos >= 0) & (lcat >= 0)
     ok[ok] = keep[pos[ok]]
@@ -227,10 +211,10 @@ def _history(shop: Shop, codes: _Codes, cat: _Catalogue, purchases: pd.DataFrame
     h = shop.offer_history
     n_ch = len(CHANNEL_PREFERENCE)
     sent = _ts(h["sent_at"])
-    cust = _lookup(h["customer_id"], codes.customers)
+    cust = text_positions(h["customer_id"], codes.customers)
     keep = (sent < t) & (cust >= 0)
     sent, cust = sent[keep], cust[keep]
-    chan = _lookup(h["channel"], CHANNEL_PREFERENCE)[keep]
+    chan = text_positions(h["channel"], CHANNEL_PREFERENCE)[keep]
     hcat = _category_of(h["product_id"], cat)[keep]
     key = cust * codes.n_cat + hcat
 
@@ -319,16 +303,17 @@ def apply_policy(scored: pd.DataFrame, shop: Shop, as_of: dt.date,
                                            sort=True)
     cust_code = cust_code.astype(np.int64)
     # Chunks, not ChunkedArrays: pa.chunked_array would convert a ChunkedArray value by value.
-    all_categories = pa.chunked_array([*_chunks(_text(scored["category"])),
-                                       *_chunks(_text(shop.products["category"]))], type=pa.large_string())
+    all_categories = pa.chunked_array([*_chunks(text_array(scored["category"])),
+                                       *_chunks(text_array(shop.products["category"]))],
+                                      type=pa.large_string())
     categories = pd.Index(pc.unique(all_categories).drop_null().to_pylist(), dtype="string").sort_values()
     codes = _Codes(pd.Index(cust_uniques), categories, len(cust_uniques), len(categories))
-    cat_code = _lookup(scored["category"], categories)
+    cat_code = text_positions(scored["category"], categories)
     pair_key = cust_code * codes.n_cat + cat_code
-    type_code = _lookup(scored["offer_type"], OFFER_TYPES)
+    type_code = text_positions(scored["offer_type"], OFFER_TYPES)
 
     cat = _catalogue(shop, codes)
-    pidx = _lookup(scored["product_id"], cat.ids)
+    pidx = text_positions(scored["product_id"], cat.ids)
     granted = _consent_matrix(shop, codes, t)
     purchases = _purchases(shop, codes, cat, t)
     hist = _history(shop, codes, cat, purchases, t, cfg)
