@@ -135,6 +135,11 @@ def _resolve_categories(spec: dict[str, float]) -> dict[int, float]:
     return out
 
 
+def _daily_hazard(uplift: dict[str, float]) -> np.ndarray:
+    """Per offer type, the daily response hazard whose OFFER_EFFECT_DAYS-day total is the uplift."""
+    return np.array([1 - (1 - uplift[k]) ** (1 / OFFER_EFFECT_DAYS) for k in OFFER_TYPES], dtype=np.float32)
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -352,16 +357,14 @@ class _Shop:
         self.lines: list[tuple[np.ndarray, ...]] = []  # (order index, product, quantity, cents)
         self.offers: list[dict[str, np.ndarray]] = []
         self.n_orders = 0
-        self.resp_hazard = np.array(  # daily hazard whose 28-day total is the uplift
-            [1 - (1 - TRUE_UPLIFT[k]) ** (1 / OFFER_EFFECT_DAYS) for k in OFFER_TYPES], dtype=np.float32)
+        self.resp_hazard = _daily_hazard(TRUE_UPLIFT)
         self.ground_truth: pd.DataFrame | None = None
         # Offers from outside (a CRM batch): their own RNG, so the shop's own draws stay the same.
         self.ext = None if external_offers is None else self._external(external_offers)
         uplift = TRUE_UPLIFT if external_uplift is None else {**TRUE_UPLIFT, **external_uplift}
         if not all(0.0 <= uplift[k] < 1.0 for k in OFFER_TYPES):
             raise ValueError(f"uplift must be in [0, 1) per offer type, got {uplift}")
-        self.ext_hazard = np.array([1 - (1 - uplift[k]) ** (1 / OFFER_EFFECT_DAYS) for k in OFFER_TYPES],
-                                   dtype=np.float32)
+        self.ext_hazard = _daily_hazard(uplift)
         self.ext_rng = np.random.default_rng([seed, 0x0FFE])
         self.ext_sent: list[dict[str, np.ndarray]] = []
         self.ext_truth: list[pd.DataFrame] = []
